@@ -1,0 +1,231 @@
+"""Load a config: YAML file, then `key=value` overrides, merged over the typed schema.
+
+Every mistake becomes one ConfigError that names the file (and line, where there is one), the key,
+and what to do: a missing file, invalid YAML, an unknown key (with the closest valid one), a value
+of the wrong type, a required key left unset, a GRPOConfig field that does not exist.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from gymtrl.config.schema import Config
+from gymtrl.errors import ConfigError
+
+# GRPOConfig fields gymtrl sets itself, and the gymtrl key to use instead.
+GRPO_FIELDS_OWNED = {
+    "output_dir": "output.dir",
+    "use_vllm": "sync.strategy",
+    "vllm_mode": "sync.strategy",
+    "vllm_server_base_url": "vllm.base_url",
+    "vllm_server_host": "vllm.base_url",
+    "vllm_server_port": "vllm.base_url",
+}
+SYNC_STRATEGIES = ("auto", "nccl", "reload", "none")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _closest(name: str, choices: list[str]) -> str:
+    match = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _key_line(source: str, yaml_text: str | None, path: list[str]) -> str:
+    """`file:line` of a key path in the YAML text, or just the source name."""
+    if yaml_text is None:
+        return source
+    try:
+        node = yaml.compose(yaml_text)
+        for part in path:
+            if not isinstance(node, yaml.MappingNode):
+                return source
+            for k, v in node.value:
+                if k.value == part:
+                    line = k.start_mark.line + 1
+                    node = v
+                    break
+            else:
+                return source
+        return f"{source}:{line}"
+    except yaml.YAMLError:
+        return source
+
+
+def grpo_field_names() -> list[str]:
+    from trl import GRPOConfig  # imported late: trl pulls in torch (seconds)
+
+    return [f.name for f in dataclasses.fields(GRPOConfig) if f.init]
+
+
+def _check_keys(data: Any, schema: type, path: list[str], source: str, text: str | None) -> None:
+    if not isinstance(data, dict):
+        return
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key, value in data.items():
+        key = str(key)
+        here = path + [key]
+        if key not in fields:
+            raise ConfigError(
+                f"{_key_line(source, text, here)}: unknown key '{'.'.join(here)}'{_closest(key, list(fields))}",
+                hint=f"valid keys in '{'.'.join(path) or 'the top level'}': {', '.join(fields)}",
+            )
+        sub = _schema_type(schema, key)
+        if sub is not None:
+            _check_keys(value, sub, here, source, text)
+        elif key == "grpo" and not path and isinstance(value, dict):
+            _check_grpo_keys(value, source, text)
+
+
+def _schema_type(schema: type, key: str) -> type | None:
+    """The dataclass type of a nested section, if `key` is one."""
+    f = next(f for f in dataclasses.fields(schema) if f.name == key)
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        value = f.default_factory()  # type: ignore[misc]
+        if dataclasses.is_dataclass(value):
+            return type(value)
+    return None
+
+
+def _check_grpo_keys(grpo: dict, source: str, text: str | None) -> None:
+    names = grpo_field_names()
+    for key in grpo:
+        where = _key_line(source, text, ["grpo", str(key)])
+        if key in GRPO_FIELDS_OWNED:
+            raise ConfigError(
+                f"{where}: 'grpo.{key}' is set by gymtrl; use '{GRPO_FIELDS_OWNED[key]}' instead",
+            )
+        if key not in names:
+            raise ConfigError(
+                f"{where}: unknown key 'grpo.{key}': not a field of trl.GRPOConfig{_closest(str(key), names)}",
+                hint="the grpo section is passed to TRL's GRPOConfig; see its documentation for the fields",
+            )
+
+
+def _read_yaml(path: Path) -> tuple[dict, str]:
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}", hint="pass an existing YAML file to --config")
+    if path.is_dir():
+        raise ConfigError(f"config path is a directory, not a file: {path}")
+    text = path.read_text()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, data:, ...)")
+    return data, text
+
+
+def _parse_overrides(overrides: list[str]) -> dict:
+    dotlist = []
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override '{item}' is not of the form key=value (for example grpo.max_steps=10)")
+        dotlist.append(item)
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist(dotlist), resolve=False)  # type: ignore[return-value]
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"cannot parse overrides {overrides}: {e}") from None
+
+
+def _missing_keys(cfg: Any, prefix: str = "") -> list[str]:
+    out = []
+    for key in cfg:
+        full = f"{prefix}{key}"
+        if OmegaConf.is_missing(cfg, key):
+            out.append(full)
+        elif OmegaConf.is_dict(cfg[key]):
+            out += _missing_keys(cfg[key], full + ".")
+    return out
+
+
+def _as_list(value: Any) -> Any:
+    return [value] if isinstance(value, (str, dict)) else value
+
+
+def _as_sources(value: Any) -> Any:
+    """data.train / data.eval: a path, {path, agent}, or a list of either -> list of {path, agent}."""
+    value = _as_list(value)
+    if isinstance(value, list):
+        return [{"path": v} if isinstance(v, str) else v for v in value]
+    return value
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
+    """Read `path`, apply `overrides`, validate, and return the typed Config."""
+    path = Path(path)
+    data, text = _read_yaml(path)
+    override_data = _parse_overrides(overrides or [])
+    _check_keys(data, Config, [], str(path), text)
+    _check_keys(override_data, Config, [], "command-line override", None)
+    # A single path is accepted where a list of paths is expected.
+    for section in (data, override_data):
+        for key in ("train", "eval"):
+            if isinstance(section.get("data"), dict) and key in section["data"]:
+                section["data"][key] = _as_sources(section["data"][key])
+        launch = (section.get("gym") or {}).get("launch") if isinstance(section.get("gym"), dict) else None
+        if isinstance(launch, dict) and isinstance(launch.get("config_paths"), str):
+            launch["config_paths"] = [launch["config_paths"]]
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), data, override_data)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        msg = str(e).splitlines()[0]
+        raise ConfigError(
+            f"{_key_line(str(path), text, str(key).split('.'))}: bad value for '{key}': {msg}"
+        ) from None
+    missing = _missing_keys(merged)
+    if missing:
+        raise ConfigError(
+            f"{path}: required key(s) not set: {', '.join(missing)}",
+            hint="set them in the file or on the command line, e.g. model.name_or_path=Qwen/Qwen2.5-0.5B-Instruct",
+        )
+    cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    _check_values(cfg, str(path))
+    return cfg
+
+
+def _check_values(cfg: Config, source: str) -> None:
+    if cfg.sync.strategy not in SYNC_STRATEGIES:
+        raise ConfigError(f"{source}: sync.strategy must be one of {', '.join(SYNC_STRATEGIES)}, got '{cfg.sync.strategy}'")
+    for key, value in (("model.dtype", cfg.model.dtype), ("vllm.dtype", cfg.vllm.dtype)):
+        if value not in DTYPES:
+            raise ConfigError(f"{source}: {key} must be one of {', '.join(DTYPES)}, got '{value}'")
+    if not cfg.data.train:
+        raise ConfigError(f"{source}: data.train lists no files")
+    r = cfg.rollout
+    if r.max_concurrency < 1 or r.timeout_s <= 0 or r.retries < 0:
+        raise ConfigError(f"{source}: rollout.max_concurrency >= 1, rollout.timeout_s > 0 and rollout.retries >= 0 are required")
+    if not 0.0 <= r.max_failure_rate <= 1.0:
+        raise ConfigError(f"{source}: rollout.max_failure_rate must be between 0 and 1, got {r.max_failure_rate}")
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def write_resolved_config(cfg: Config, out_dir: str | os.PathLike) -> Path:
+    """Write the config as resolved (defaults filled in) to <out_dir>/config.yaml, atomically."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / "config.yaml"
+    tmp = target.with_suffix(".yaml.tmp")
+    tmp.write_text(to_yaml(cfg))
+    os.replace(tmp, target)
+    return target
+
+
+__all__ = ["load_config", "write_resolved_config", "to_yaml", "MISSING"]

@@ -1,0 +1,149 @@
+"""The config schema. Every key a user can write is a field here, with its default and meaning.
+
+Sections: model, data, gym, vllm, rollout, sync, grpo (passed through to TRL's GRPOConfig),
+logging, output. The README's config reference is generated from the same field comments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    # Hugging Face hub id or local directory of the policy to train (and serve from vLLM).
+    name_or_path: str = MISSING
+    # Trainer dtype: auto | float32 | bfloat16 | float16.
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataSource:
+    # A NeMo Gym JSONL file (one row per line: responses_create_params, agent_ref/task_source, fields).
+    path: str = MISSING
+    # Agent instance for rows that carry neither agent_ref nor task_source (e.g. NeMo Gym's
+    # example.jsonl files). A row that names a different agent is an error.
+    agent: Optional[str] = None
+
+
+@dataclass
+class DataConfig:
+    # Each entry: a path, or {path, agent}.
+    train: list[DataSource] = MISSING
+    eval: list[DataSource] = field(default_factory=list)
+    # Keep only the first N rows of each split (None: all).
+    max_train_rows: Optional[int] = None
+    max_eval_rows: Optional[int] = None
+
+
+@dataclass
+class ProcessLaunchConfig:
+    # Start this server from gymtrl (true) or connect to one already running (false).
+    enabled: bool = False
+    # The server's own virtual environment (its bin/ holds the executables).
+    venv: Optional[str] = None
+    # A full command line that replaces the one gymtrl builds (list of arguments).
+    command: Optional[list[str]] = None
+    # Arguments appended to the built command.
+    extra_args: list[str] = field(default_factory=list)
+    # Extra environment variables for the server process.
+    env: dict[str, str] = field(default_factory=dict)
+    # How long to wait for the server's health endpoint before giving up.
+    startup_timeout_s: float = 600.0
+
+
+@dataclass
+class VLLMConfig:
+    # OpenAI-compatible vLLM server the environments generate with (also the weight-sync target).
+    base_url: str = "http://127.0.0.1:8000"
+    # Name the server serves the model under (NeMo Gym's policy_model_name). Default: model path.
+    served_model_name: Optional[str] = None
+    # Environment variable holding the server's API key, if it needs one.
+    api_key_env: str = "GYMTRL_VLLM_API_KEY"
+    # Timeout for each control request (health, reload, verify).
+    request_timeout_s: float = 120.0
+    # Server dtype when gymtrl launches it (float32 makes trainer/server logprobs match tightly).
+    dtype: str = "auto"
+    max_model_len: int = 4096
+    launch: ProcessLaunchConfig = field(default_factory=ProcessLaunchConfig)
+
+
+@dataclass
+class GymLaunchConfig(ProcessLaunchConfig):
+    # NeMo Gym config files (relative ones are looked up in NeMo Gym's install, then here).
+    config_paths: list[str] = field(default_factory=list)
+    # Extra NeMo Gym config values, as in `gym env start ++key=value`.
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class GymConfig:
+    # The NeMo Gym head server; agents are discovered from its /global_config_dict_yaml.
+    head_server_url: str = "http://127.0.0.1:11000"
+    # Rewrite loopback agent hosts to the head server's host (agents on another node).
+    rewrite_loopback_hosts: bool = True
+    launch: GymLaunchConfig = field(default_factory=GymLaunchConfig)
+
+
+@dataclass
+class RolloutConfig:
+    # Most agent /run requests in flight at once (per trainer process).
+    max_concurrency: int = 64
+    # Deadline for one whole rollout (all its turns), retries included.
+    timeout_s: float = 600.0
+    # Retries for connection errors and 5xx replies, with exponential backoff.
+    retries: int = 2
+    retry_backoff_s: float = 0.5
+    # Stop the run when an environment's failure rate over its last `failure_window` rollouts
+    # exceeds this (after at least `failure_min_rollouts`).
+    max_failure_rate: float = 0.5
+    failure_window: int = 64
+    failure_min_rollouts: int = 8
+
+
+@dataclass
+class SyncConfig:
+    # How new weights reach vLLM after each optimizer step:
+    # auto (nccl when training on CUDA, else reload) | nccl | reload | none (never syncs: debugging only).
+    strategy: str = "auto"
+    # Check after every sync that the server's logprobs equal the trainer's; fail the run if not.
+    verify: bool = True
+    # Largest allowed |logprob difference| per token (None: 1e-3 for float32, 5e-2 otherwise).
+    verify_tolerance: Optional[float] = None
+    # Where the reload strategy writes weights (None: <output.dir>/weight_sync).
+    dir: Optional[str] = None
+
+
+@dataclass
+class LoggingConfig:
+    # Also log to Weights & Biases (WANDB_API_KEY from the environment; wandb_mode offline needs none).
+    wandb: bool = False
+    wandb_project: str = "gymtrl"
+    wandb_mode: str = "online"  # online | offline | disabled
+    # Show a progress bar on the terminal.
+    progress_bar: bool = True
+
+
+@dataclass
+class OutputConfig:
+    # Run directory: resolved config, metrics.jsonl, server logs, checkpoints.
+    dir: str = "outputs/run"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    gym: GymConfig = field(default_factory=GymConfig)
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    # Passed to trl.GRPOConfig (validated against its real fields). temperature, top_p and
+    # max_completion_length also become the rollouts' sampling settings.
+    grpo: dict[str, Any] = field(default_factory=dict)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)

@@ -1,0 +1,1 @@
+"""Dataset rows: reading and validating NeMo Gym JSONL (shared with prepare-data)."""

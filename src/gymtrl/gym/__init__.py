@@ -1,0 +1,1 @@
+"""Talking to NeMo Gym over HTTP: discovery and routing (discovery.py), the agent client (client.py)."""

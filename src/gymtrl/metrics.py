@@ -1,0 +1,36 @@
+"""What each logged step measured: one JSON object per line in <output>/metrics.jsonl.
+
+TRL's own logs (reward, loss, lengths, rewards/<func>/mean) plus gymtrl's rollout metrics (per
+environment reward and failure rate, turns, latency, tokens, failures by kind, sync time and check)
+arrive together in `on_log`; this writes them with the step number. Lines are flushed as written,
+so a run killed mid-way keeps every step it logged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+
+class MetricsJsonlWriter(TrainerCallback):
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        record = {"step": state.global_step}
+        for key, value in logs.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                value = None
+            record[key] = value
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -1,0 +1,109 @@
+"""Run a batch of rollouts against NeMo Gym agents and turn each reply into an outcome.
+
+TRL calls the rollout function synchronously; the HTTP work is async. The engine owns one event
+loop on a background thread with one long-lived client (connection pool reused across steps), and
+blocks the trainer only until every rollout of the batch has finished or hit its deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass
+
+from gymtrl.gym.client import AgentClient, RunResult, parse_reward, response_output
+from gymtrl.gym.discovery import GymTopology
+from gymtrl.rollout.failures import FailureKind, FailureLedger
+from gymtrl.rollout.trajectory import StitchError, Trajectory, stitch
+
+
+@dataclass
+class RolloutOutcome:
+    env: str  # the agent instance the row was routed to
+    reward: float | None  # None: excluded from training
+    trajectory: Trajectory | None
+    failure: FailureKind | None
+    detail: str
+    latency_s: float
+    reply: dict | None
+
+
+@dataclass
+class SamplingParams:
+    temperature: float
+    top_p: float
+    max_output_tokens: int | None
+
+    def apply(self, row: dict) -> dict:
+        """The row to send: the dataset row with the trainer's sampling settings in its params."""
+        params = dict(row["responses_create_params"])
+        params["temperature"] = self.temperature
+        params["top_p"] = self.top_p
+        if self.max_output_tokens is not None:
+            params["max_output_tokens"] = self.max_output_tokens
+        return {**row, "responses_create_params": params}
+
+
+def outcome_from_result(env: str, result: RunResult) -> RolloutOutcome:
+    if result.failure is not None or result.reply is None:
+        return RolloutOutcome(env, None, None, result.failure or FailureKind.INVALID_REPLY, result.detail,
+                              result.latency_s, None)
+    reply = result.reply
+    reward, failure, detail = parse_reward(reply)
+    if failure is None:
+        try:
+            trajectory = stitch(response_output(reply))
+        except StitchError as e:
+            failure, detail = e.kind, e.detail
+        else:
+            return RolloutOutcome(env, reward, trajectory, None, "", result.latency_s, reply)
+    return RolloutOutcome(env, None, None, failure, detail, result.latency_s, reply)
+
+
+class RolloutEngine:
+    def __init__(self, topology: GymTopology, sampling: SamplingParams, ledger: FailureLedger,
+                 max_concurrency: int, timeout_s: float, retries: int, retry_backoff_s: float):
+        self.topology = topology
+        self.sampling = sampling
+        self.ledger = ledger
+        self.timeout_s = timeout_s
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="gymtrl-rollouts", daemon=True)
+        self._thread.start()
+
+        async def make_client() -> AgentClient:
+            return AgentClient(max_concurrency, timeout_s, retries, retry_backoff_s)
+
+        self._client = self._submit(make_client(), 30.0)
+
+    def _submit(self, coro, timeout_s: float):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout_s)
+
+    async def _run_one(self, row: dict) -> RolloutOutcome:
+        env = self.topology.route(row)
+        if env is None:  # checked before training; a row can only get here if the config changed
+            return RolloutOutcome("unrouted", None, None, FailureKind.HTTP_ERROR, "row routes to no agent", 0.0, None)
+        result = await self._client.run(self.topology.agents[env], self.sampling.apply(row))
+        return outcome_from_result(env, result)
+
+    def run(self, rows: list[dict]) -> list[RolloutOutcome]:
+        """One outcome per row, in order. Every failure is recorded in the ledger."""
+
+        async def run_all():
+            return await asyncio.gather(*(self._run_one(r) for r in rows))
+
+        # Each rollout's deadline covers its queueing too, so the batch ends by one deadline (+slack).
+        outcomes = self._submit(run_all(), self.timeout_s + 60.0)
+        for o in outcomes:
+            if o.failure is None:
+                self.ledger.record_ok(o.env)
+            else:
+                self.ledger.record_failure(o.env, o.failure, o.detail)
+        return outcomes
+
+    def close(self) -> None:
+        try:
+            self._submit(self._client.aclose(), 10.0)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)

@@ -1,0 +1,125 @@
+"""The adapter between TRL 1.16's GRPOTrainer and the rollout engine.
+
+TRL's contract (see shared/reference/trl-grpo-contract.md): `rollout_func(prompts, trainer)` is
+called on every rank with that rank's slice; each unique prompt already appears num_generations
+times, consecutively; it must return exactly one completion per entry, in order, as `prompt_ids`,
+`completion_ids`, `logprobs`, plus optional `env_mask` and extra fields that reach the reward
+functions. A dataset row's `prompt` here is its key in the row store (see gymtrl.data.rows): the
+whole NeMo Gym row, not just its messages, is what the agent needs.
+
+A failed rollout becomes a one-token placeholder with env_mask 0 and reward None: TRL excludes it
+from the group baseline and the loss, and the ledger counts it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from statistics import mean
+
+from gymtrl.errors import WeightSyncError
+from gymtrl.rollout.engine import RolloutEngine, RolloutOutcome
+from gymtrl.sync.strategies import WeightSync
+from gymtrl.sync.verify import SyncVerifier
+
+
+class GymRolloutFunc:
+    def __init__(self, engine: RolloutEngine, rows: dict[str, dict], sync: WeightSync,
+                 verifier: SyncVerifier | None, placeholder_token_id: int):
+        self.engine = engine
+        self.rows = rows
+        self.sync = sync
+        self.verifier = verifier
+        self.placeholder = placeholder_token_id
+        self.synced_step: int | None = None
+        self.pending_metrics: dict[str, float] = {}
+        self.last_outcomes: list[RolloutOutcome] = []
+
+    # --- weight sync ------------------------------------------------------------------------
+    def _sync(self, trainer) -> dict[str, float]:
+        step = trainer.state.global_step
+        if step == self.synced_step or not trainer.accelerator.is_main_process:
+            return {}
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        metrics: dict[str, float] = {}
+        if self.synced_step is None and self.verifier is not None and self.sync.name != "nccl":
+            # First call: the server loaded the model from disk; push only if it is not ours
+            # (a resumed run, or a server started from another checkpoint).
+            try:
+                metrics["sync/verify_max_logprob_diff"] = self.verifier.check(model, step)
+            except WeightSyncError:
+                metrics["sync/seconds"] = self.sync.push(model)
+        else:
+            metrics["sync/seconds"] = self.sync.push(model)
+        if self.verifier is not None:
+            metrics["sync/verify_max_logprob_diff"] = self.verifier.check(model, step)
+        self.synced_step = step
+        return metrics
+
+    # --- the TRL entry point -----------------------------------------------------------------
+    def __call__(self, prompts: list, trainer) -> dict:
+        metrics = self._sync(trainer)
+        rows = [self.rows[key] for key in prompts]
+        start = time.monotonic()
+        outcomes = self.engine.run(rows)
+        metrics["rollout/batch_seconds"] = time.monotonic() - start
+        self.engine.ledger.check_bound()
+        self.last_outcomes = outcomes
+
+        out: dict[str, list] = {k: [] for k in ("prompt_ids", "completion_ids", "logprobs", "env_mask",
+                                                "env_reward", "gym_env", "num_turns", "rollout_failure")}
+        for o in outcomes:
+            t = o.trajectory
+            if t is None:
+                out["prompt_ids"].append([self.placeholder])
+                out["completion_ids"].append([self.placeholder])
+                out["logprobs"].append([0.0])
+                out["env_mask"].append([0])
+            else:
+                out["prompt_ids"].append(t.prompt_ids)
+                out["completion_ids"].append(t.completion_ids)
+                out["logprobs"].append(t.logprobs)
+                out["env_mask"].append(t.env_mask)
+            out["env_reward"].append(o.reward)
+            out["gym_env"].append(o.env)
+            out["num_turns"].append(t.num_turns if t else 0)
+            out["rollout_failure"].append(o.failure.value if o.failure else "")
+        metrics.update(batch_metrics(outcomes))
+        metrics.update(self.engine.ledger.snapshot())
+        self.pending_metrics = metrics
+        return out
+
+
+def batch_metrics(outcomes: list[RolloutOutcome]) -> dict[str, float]:
+    by_env: dict[str, list[RolloutOutcome]] = defaultdict(list)
+    for o in outcomes:
+        by_env[o.env].append(o)
+    ok = [o for o in outcomes if o.trajectory is not None]
+    m: dict[str, float] = {
+        "rollout/failure_rate": 1 - len(ok) / len(outcomes) if outcomes else 0.0,
+        "rollout/latency_mean_s": mean(o.latency_s for o in outcomes) if outcomes else 0.0,
+        "rollout/latency_max_s": max((o.latency_s for o in outcomes), default=0.0),
+        "rollout/model_tokens": float(sum(o.trajectory.num_model_tokens for o in ok)),
+        "rollout/turns_mean": mean(o.trajectory.num_turns for o in ok) if ok else 0.0,
+    }
+    for env, items in by_env.items():
+        good = [o for o in items if o.trajectory is not None]
+        m[f"env/{env}/failure_rate"] = 1 - len(good) / len(items)
+        if good:
+            m[f"env/{env}/reward"] = mean(o.reward for o in good)  # type: ignore[misc]
+            m[f"env/{env}/turns"] = mean(o.trajectory.num_turns for o in good)  # type: ignore[union-attr]
+    return m
+
+
+def make_env_reward(rollout_func: GymRolloutFunc):
+    """TRL reward function returning the environment's reward (None for excluded rollouts), which
+    also hands the rollout's metrics to TRL's metric buffer (log_metric averages across ranks)."""
+
+    def env_reward(completions, env_reward, log_metric=None, **kwargs):
+        if log_metric is not None:
+            for name, value in rollout_func.pending_metrics.items():
+                log_metric(name, float(value))
+        rollout_func.pending_metrics = {}
+        return list(env_reward)
+
+    return env_reward

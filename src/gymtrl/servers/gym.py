@@ -1,0 +1,46 @@
+"""The command that starts NeMo Gym's servers from gymtrl (gym_launcher.py, in the Gym venv)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from gymtrl.config.schema import Config
+from gymtrl.errors import ConfigError
+from gymtrl.servers.vllm import served_model_name
+
+LAUNCHER = Path(__file__).with_name("gym_launcher.py")
+# gymtrl's own environments, in NeMo Gym's layout (resources_servers/<name>/app.py), shipped in the package.
+ENVS_ROOT = Path(__file__).resolve().parents[1] / "envs"
+
+
+def gym_command(cfg: Config, log_dir: Path) -> list[str]:
+    launch = cfg.gym.launch
+    if launch.command:
+        return list(launch.command) + list(launch.extra_args)
+    if not launch.venv:
+        raise ConfigError("gym.launch.enabled is true but neither gym.launch.venv nor gym.launch.command is set")
+    if not launch.config_paths:
+        raise ConfigError("gym.launch.config_paths is empty: list the NeMo Gym configs of your environments")
+    head = urlsplit(cfg.gym.head_server_url)
+    cmd = [
+        str(Path(launch.venv).expanduser() / "bin" / "python"), str(LAUNCHER),
+        "--head-host", head.hostname or "127.0.0.1", "--head-port", str(head.port or 11000),
+        "--log-dir", str(log_dir), "--startup-timeout", str(launch.startup_timeout_s),
+    ]
+    if ENVS_ROOT.is_dir():
+        cmd += ["--extra-root", str(ENVS_ROOT)]
+    for path in launch.config_paths:
+        local = Path(path).expanduser()
+        cmd += ["--config", str(local.resolve()) if local.exists() else path]
+    # NeMo Gym's policy_* keys point its model server at our vLLM (the env.yaml convention).
+    policy = {
+        "policy_base_url": cfg.vllm.base_url.rstrip("/") + "/v1",
+        # Read by NeMo Gym from the environment, so the key never lands on a command line or in a log.
+        "policy_api_key": f"${{oc.env:{cfg.vllm.api_key_env},EMPTY}}",
+        "policy_model_name": served_model_name(cfg),
+    }
+    for key, value in {**policy, **launch.overrides}.items():
+        cmd += ["--set", f"{key}={json.dumps(value)}"]
+    return cmd + list(launch.extra_args)

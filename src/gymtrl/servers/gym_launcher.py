@@ -1,0 +1,186 @@
+"""Start NeMo Gym servers without Ray or uv. Runs *inside the NeMo Gym venv* (Python 3.13), never
+in the trainer: gymtrl starts it as `<gym venv>/bin/python gym_launcher.py ...` and talks to the
+result over HTTP only. It imports nothing from gymtrl.
+
+What `gym env start` does, minus the Ray cluster and the per-server uv venvs (neither is needed by
+the agents, model adapter and resources servers gymtrl uses, and neither works offline):
+  1. resolve the global config with NeMo Gym's own parser (config files, then --set values);
+     every server gets its host and port there;
+  2. drop environment-server relays (legacy_agent starts Ray; gymtrl calls agents' /run directly);
+  3. serve the head server (HeadServer: /global_config_dict_yaml, /server_instances, /readyz)
+     from this process;
+  4. start each server as `python app.py` in its directory with NEMO_GYM_CONFIG_DICT and
+     NEMO_GYM_CONFIG_PATH, one log file each;
+  5. poll every server's `/`, then mark the head ready (GET /readyz -> 200);
+  6. stay up until SIGTERM/SIGINT; if any server dies, stop the rest and exit 1 so the trainer
+     sees it at once.
+Custom servers (gymtrl's own environments) are found through --extra-root, which NeMo Gym
+searches before its install root (NEMO_GYM_EXTRA_ROOTS).
+"""
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+SERVER_TYPES = ("responses_api_models", "resources_servers", "responses_api_agents")
+
+
+def log(msg: str) -> None:
+    print(f"[gym_launcher {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def http_status(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=2.0) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except Exception:
+        return None
+
+
+def parse_value(text: str):
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def resolve_config(args):
+    from omegaconf import OmegaConf
+
+    from nemo_gym.global_config import GlobalConfigDictParserConfig, get_global_config_dict
+
+    initial = {"config_paths": list(args.config), "head_server": {"host": args.head_host, "port": args.head_port}}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        node = initial
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = parse_value(value)
+    config = get_global_config_dict(
+        GlobalConfigDictParserConfig(
+            initial_global_config_dict=OmegaConf.create(initial),
+            skip_load_from_cli=True,
+            skip_load_from_dotenv=not args.use_env_yaml,
+        )
+    )
+    return config
+
+
+def server_blocks(config):
+    """(instance name, server type, implementation dir, block) for every startable server."""
+    from omegaconf import DictConfig
+
+    for name, value in config.items():
+        if not isinstance(value, DictConfig):
+            continue
+        for server_type in SERVER_TYPES:
+            impls = value.get(server_type)
+            if isinstance(impls, DictConfig):
+                for impl, block in impls.items():
+                    if isinstance(block, DictConfig) and "entrypoint" in block:
+                        yield name, server_type, impl, block
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description="Start NeMo Gym servers without Ray (gymtrl).")
+    ap.add_argument("--config", action="append", default=[], help="NeMo Gym config YAML (repeatable)")
+    ap.add_argument("--set", action="append", default=[], help="config value key=value (repeatable)")
+    ap.add_argument("--extra-root", action="append", default=[], help="directory with extra servers")
+    ap.add_argument("--head-host", default="127.0.0.1")
+    ap.add_argument("--head-port", type=int, default=11000)
+    ap.add_argument("--log-dir", required=True)
+    ap.add_argument("--startup-timeout", type=float, default=600.0)
+    ap.add_argument("--use-env-yaml", action="store_true", help="also read env.yaml like gym env start")
+    args = ap.parse_args()
+
+    roots = [str(Path(r).resolve()) for r in args.extra_root]
+    if roots:
+        old = os.environ.get("NEMO_GYM_EXTRA_ROOTS")
+        os.environ["NEMO_GYM_EXTRA_ROOTS"] = os.pathsep.join(roots + ([old] if old else []))
+    log_dir = Path(args.log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+
+    from omegaconf import OmegaConf
+
+    from nemo_gym.cli.env import _resolve_server_dir
+    from nemo_gym.server_utils import HeadServer
+
+    config = resolve_config(args)
+    # Environment-server relays (legacy_agent) need Ray; agents are called directly instead.
+    for name in [n for n, v in config.items() if OmegaConf.is_dict(v) and "environment_servers" in v]:
+        del config[name]
+    config_yaml = OmegaConf.to_yaml(config)
+    os.environ["NEMO_GYM_CONFIG_DICT"] = config_yaml  # HeadServer and children read it from here
+    (log_dir / "gym_config.yaml").write_text(config_yaml)
+
+    _, _, head = HeadServer.run_webserver()
+    log(f"head server on http://{args.head_host}:{args.head_port}")
+
+    procs: dict[str, subprocess.Popen] = {}
+    urls: dict[str, str] = {}
+    instances = []
+    for name, server_type, impl, block in server_blocks(config):
+        server_dir = _resolve_server_dir(Path(server_type, impl))
+        env = dict(os.environ, NEMO_GYM_CONFIG_DICT=config_yaml, NEMO_GYM_CONFIG_PATH=name, PYTHONPATH=".")
+        logf = open(log_dir / f"{name}.log", "ab")
+        proc = subprocess.Popen(
+            [sys.executable, str(block["entrypoint"])],
+            cwd=server_dir, env=env, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        procs[name] = proc
+        urls[name] = f"http://{block['host']}:{block['port']}"
+        instances.append({
+            "name": impl, "process_name": name, "server_type": server_type, "dir_path": str(server_dir),
+            "entrypoint": str(block["entrypoint"]), "host": block["host"], "port": block["port"],
+            "url": urls[name], "pid": proc.pid, "config_path": name, "start_time": time.time(),
+        })
+        log(f"started {name} ({server_type}/{impl}) pid {proc.pid} at {urls[name]}")
+    head.set_server_instances(instances)
+
+    def stop_all(code: int) -> None:
+        for proc in procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        for proc in procs.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        sys.exit(code)
+
+    signal.signal(signal.SIGTERM, lambda *_: stop_all(0))
+    signal.signal(signal.SIGINT, lambda *_: stop_all(0))
+
+    def check_children() -> None:
+        for name, proc in procs.items():
+            if proc.poll() is not None:
+                log(f"server {name} exited with code {proc.returncode}; see {log_dir / (name + '.log')}")
+                stop_all(1)
+
+    pending = set(urls)
+    deadline = time.monotonic() + args.startup_timeout
+    while pending:
+        check_children()
+        pending = {n for n in pending if http_status(urls[n] + "/") != 200}
+        if time.monotonic() > deadline:
+            log(f"servers not up after {args.startup_timeout:g}s: {sorted(pending)}")
+            stop_all(1)
+        time.sleep(0.3)
+    head.mark_ready()
+    log(f"GYM READY: {len(procs)} servers")
+    while True:
+        check_children()
+        time.sleep(0.5)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

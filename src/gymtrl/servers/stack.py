@@ -1,0 +1,87 @@
+"""The servers a run needs, up and healthy before the first step, and stopped when it ends.
+
+For each of vLLM and NeMo Gym: when `launch.enabled`, gymtrl starts it (both at once), streams its
+output to <output>/logs/, and waits for its health endpoint; otherwise it must already answer at
+its configured URL. While training, `check()` notices at once when a launched server has died.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gymtrl.config.schema import Config
+from gymtrl.errors import ServerError
+from gymtrl.gym.discovery import wait_ready
+from gymtrl.servers.gym import gym_command
+from gymtrl.servers.process import ManagedProcess, http_ok
+from gymtrl.servers.vllm import served_model_name, vllm_command, vllm_env
+from gymtrl.sync.vllm_control import VLLMControl
+
+
+class ServerStack:
+    def __init__(self, cfg: Config, log_dir: Path, nccl: bool):
+        self.cfg = cfg
+        self.log_dir = Path(log_dir)
+        self.nccl = nccl
+        self.processes: list[ManagedProcess] = []
+
+    def __enter__(self) -> "ServerStack":
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        cfg = self.cfg
+        vllm = gym = None
+        if cfg.vllm.launch.enabled:
+            vllm = ManagedProcess("vLLM server", vllm_command(cfg, self.nccl), self.log_dir / "vllm.log",
+                                  env=vllm_env(cfg))
+            vllm.start()
+            self.processes.append(vllm)
+        if cfg.gym.launch.enabled:
+            gym = ManagedProcess("NeMo Gym servers", gym_command(cfg, self.log_dir / "gym"),
+                                 self.log_dir / "gym.log", env=dict(cfg.gym.launch.env))
+            gym.start()
+            self.processes.append(gym)
+
+        health = cfg.vllm.base_url.rstrip("/") + "/health"
+        if vllm is not None:
+            vllm.wait_healthy(lambda: http_ok(health), cfg.vllm.launch.startup_timeout_s, health)
+        elif not http_ok(health, timeout_s=10.0):
+            raise ServerError(
+                f"no vLLM server answers at {cfg.vllm.base_url}",
+                hint="start one (see README: 'Running the servers yourself') or set vllm.launch.enabled=true",
+            )
+        self._check_served_model()
+        if gym is not None:
+            wait_ready(cfg.gym.head_server_url, cfg.gym.launch.startup_timeout_s,
+                       is_alive=lambda: gym.alive() or bool(gym.check()))
+        else:
+            wait_ready(cfg.gym.head_server_url, 30.0)
+
+    def _check_served_model(self) -> None:
+        control = VLLMControl(self.cfg.vllm.base_url, self.cfg.vllm.request_timeout_s, self.cfg.vllm.api_key_env)
+        try:
+            served = control.served_models()
+        finally:
+            control.close()
+        want = served_model_name(self.cfg)
+        if want not in served:
+            raise ServerError(
+                f"the vLLM server at {self.cfg.vllm.base_url} serves {served}, not '{want}'",
+                hint="set vllm.served_model_name to the name the server uses (NeMo Gym's policy_model_name)",
+            )
+
+    def check(self) -> None:
+        for p in self.processes:
+            p.check()
+
+    def stop(self) -> None:
+        for p in reversed(self.processes):
+            p.stop()

@@ -1,0 +1,41 @@
+"""The vLLM server command gymtrl launches, with the flags NeMo Gym's training model config needs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from gymtrl.config.schema import Config
+from gymtrl.errors import ConfigError
+
+
+def served_model_name(cfg: Config) -> str:
+    return cfg.vllm.served_model_name or cfg.model.name_or_path
+
+
+def vllm_command(cfg: Config, nccl: bool) -> list[str]:
+    launch = cfg.vllm.launch
+    if launch.command:
+        return list(launch.command) + list(launch.extra_args)
+    if not launch.venv:
+        raise ConfigError("vllm.launch.enabled is true but neither vllm.launch.venv nor vllm.launch.command is set")
+    url = urlsplit(cfg.vllm.base_url)
+    cmd = [
+        str(Path(launch.venv).expanduser() / "bin" / "vllm"), "serve", cfg.model.name_or_path,
+        "--host", url.hostname or "127.0.0.1", "--port", str(url.port or 8000),
+        "--served-model-name", served_model_name(cfg),
+        "--dtype", cfg.vllm.dtype,
+        "--max-model-len", str(cfg.vllm.max_model_len),
+        # NeMo Gym sends tools with tool_choice "auto"; Qwen2.5-style models use the hermes format.
+        "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+        # Sampling logprobs as the sampler saw them (after temperature), as TRL's server does.
+        "--logprobs-mode", "processed_logprobs", "--max-logprobs", "-1",
+    ]
+    if nccl:
+        cmd += ["--weight-transfer-config", '{"backend":"nccl"}']
+    return cmd + list(launch.extra_args)
+
+
+def vllm_env(cfg: Config) -> dict[str, str]:
+    # Dev mode exposes /collective_rpc (reload_weights), /reset_prefix_cache and the NCCL endpoints.
+    return {"VLLM_SERVER_DEV_MODE": "1", **cfg.vllm.launch.env}

@@ -1,0 +1,88 @@
+"""Weight-sync strategies behind one interface, and the choice between them.
+
+- reload: write the weights as safetensors to a directory, ask vLLM to `reload_weights` from it,
+  reset its prefix cache. Works on CPU and where trainer and vLLM share a GPU.
+- nccl: TRL's own server-mode sync (`use_vllm=True, vllm_mode="server"`): TRL broadcasts the
+  weights over NCCL before each rollout call, so `push` has nothing left to do.
+- none: never syncs (debugging only; the verification then fails as soon as the weights move).
+Whatever the strategy, `SyncVerifier` checks afterwards that the server really serves the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from gymtrl.sync.vllm_control import VLLMControl
+
+
+def choose_strategy(configured: str, cuda_available: bool) -> str:
+    if configured != "auto":
+        return configured
+    return "nccl" if cuda_available else "reload"
+
+
+class WeightSync:
+    name = "none"
+
+    def push(self, model) -> float:
+        """Make the server serve `model`'s current weights; returns the seconds it took."""
+        return 0.0
+
+
+class NcclSync(WeightSync):
+    name = "nccl"  # TRL pushed the weights already (GRPOTrainer._generate, before rollout_func)
+
+
+def write_untied_head(model, directory: Path) -> None:
+    """Store a tied output head as its own tensor next to the checkpoint.
+
+    save_pretrained drops `lm_head.weight` when it is tied to the input embeddings, and vLLM's
+    in-place `reload_weights` (0.32, layerwise) then leaves its LM head at the *old* values
+    ("ParallelLMHead: Failed to load weights"): the server samples from a stale head while
+    every other weight is new. Measured here: logprob difference 0.96 after an embedding change.
+    """
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return
+    head = model.get_output_embeddings()
+    name = next((n for n, m in model.named_modules() if m is head), None)
+    if head is None or name is None:
+        return
+    from safetensors.torch import save_file
+
+    key = f"{name}.weight"
+    save_file({key: head.weight.detach().to("cpu").contiguous().clone()}, str(directory / "tied_head.safetensors"),
+              metadata={"format": "pt"})
+    index = directory / "model.safetensors.index.json"
+    if index.exists():  # sharded: loaders read only the files the index names
+        data = json.loads(index.read_text())
+        data["weight_map"][key] = "tied_head.safetensors"
+        index.write_text(json.dumps(data, indent=2))
+
+
+class ReloadSync(WeightSync):
+    name = "reload"
+
+    def __init__(self, control: VLLMControl, sync_dir: Path):
+        self.control = control
+        self.sync_dir = Path(sync_dir)
+
+    def push(self, model) -> float:
+        start = time.monotonic()
+        staging = self.sync_dir.with_name(self.sync_dir.name + ".staging")
+        shutil.rmtree(staging, ignore_errors=True)
+        model.save_pretrained(staging, safe_serialization=True)
+        write_untied_head(model, staging)
+        # Swap in whole: vLLM never reads a half-written directory.
+        old = self.sync_dir.with_name(self.sync_dir.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if self.sync_dir.exists():
+            os.replace(self.sync_dir, old)
+        os.replace(staging, self.sync_dir)
+        shutil.rmtree(old, ignore_errors=True)
+        self.control.reload_weights(str(self.sync_dir.resolve()))
+        self.control.reset_prefix_cache()
+        return time.monotonic() - start

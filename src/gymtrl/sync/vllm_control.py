@@ -1,0 +1,69 @@
+"""The few vLLM server endpoints the trainer itself calls (NeMo Gym does the generating)."""
+
+from __future__ import annotations
+
+import os
+
+import httpx
+
+from gymtrl.errors import ServerError, WeightSyncError
+
+
+class VLLMControl:
+    def __init__(self, base_url: str, timeout_s: float, api_key_env: str | None = None):
+        self.base_url = base_url.rstrip("/")
+        key = os.environ.get(api_key_env) if api_key_env else None
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout_s, headers=headers, trust_env=False)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _post(self, path: str, body: dict) -> dict:
+        try:
+            resp = self._http.post(path, json=body)
+        except httpx.HTTPError as e:
+            raise ServerError(f"vLLM server {self.base_url}{path} unreachable: {type(e).__name__}: {e}") from None
+        if resp.status_code == 404:
+            raise ServerError(
+                f"vLLM server has no {path} endpoint (HTTP 404)",
+                hint="start vLLM with VLLM_SERVER_DEV_MODE=1 (gymtrl does this when it launches vLLM)",
+            )
+        if resp.status_code != 200:
+            raise ServerError(f"vLLM {path} answered HTTP {resp.status_code}: {resp.text[:300]}")
+        return resp.json()
+
+    def healthy(self) -> bool:
+        try:
+            return self._http.get("/health", timeout=2.0).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def served_models(self) -> list[str]:
+        try:
+            data = self._http.get("/v1/models").json()
+        except (httpx.HTTPError, ValueError) as e:
+            raise ServerError(f"cannot list models of vLLM server {self.base_url}: {e}") from None
+        return [m.get("id") for m in data.get("data", [])]
+
+    def reload_weights(self, weights_dir: str) -> None:
+        out = self._post("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": weights_dir}})
+        if "results" not in out:
+            raise WeightSyncError(f"vLLM reload_weights returned an unexpected answer: {str(out)[:200]}")
+
+    def reset_prefix_cache(self) -> None:
+        self._post("/reset_prefix_cache", {})
+
+    def prompt_logprobs(self, model_name: str, token_ids: list[int]) -> list[float]:
+        """The server's logprob of each token of `token_ids` given the ones before it (first excluded)."""
+        out = self._post("/v1/completions", {
+            "model": model_name, "prompt": token_ids, "max_tokens": 1, "temperature": 0.0,
+            "prompt_logprobs": 0,
+        })
+        entries = out["choices"][0].get("prompt_logprobs")
+        if not isinstance(entries, list) or len(entries) != len(token_ids):
+            raise WeightSyncError("vLLM did not return prompt_logprobs for the verification probe")
+        values = []
+        for tok, entry in zip(token_ids[1:], entries[1:]):
+            values.append(float(entry[str(tok)]["logprob"]))
+        return values

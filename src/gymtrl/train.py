@@ -1,0 +1,148 @@
+"""The gymtrl training recipe: one config in, a GRPO-trained model out. Reads top to bottom.
+
+  config -> servers up -> agents discovered -> rows read and routed -> GRPOTrainer(rollout_func)
+  -> per step: sync weights + verify, rollouts through NeMo Gym, TRL's loss and optimizer step
+  -> metrics.jsonl, checkpoints, final model.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+from gymtrl.config import Config, write_resolved_config
+from gymtrl.errors import ConfigError
+
+
+def build_grpo_config(cfg: Config, strategy: str, cuda: bool):
+    from trl import GRPOConfig
+
+    out_dir = Path(cfg.output.dir)
+    kwargs: dict = {
+        # Defaults that suit NeMo Gym agents; any of them can be overridden in the grpo section.
+        "logging_steps": 1,
+        "report_to": ["wandb"] if cfg.logging.wandb else "none",
+        "disable_tqdm": not cfg.logging.progress_bar,
+        "save_strategy": "steps",
+        "save_steps": 50,
+        # Multi-turn episodes end on a tool result or a step limit as often as on EOS.
+        "mask_truncated_completions": False,
+    }
+    if not cuda:
+        kwargs.update(use_cpu=True, bf16=False)
+    if cfg.model.dtype != "auto":
+        kwargs["model_init_kwargs"] = {"dtype": cfg.model.dtype}
+    kwargs.update(cfg.grpo)
+    kwargs["output_dir"] = str(out_dir / "checkpoints")
+    if strategy == "nccl":
+        kwargs.update(use_vllm=True, vllm_mode="server", vllm_server_base_url=cfg.vllm.base_url)
+    else:
+        kwargs["use_vllm"] = False
+    try:
+        return GRPOConfig(**kwargs)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"grpo section rejected by trl.GRPOConfig: {e}") from None
+
+
+def _stop_on_sigterm() -> None:
+    # Preemption (SIGTERM) unwinds like Ctrl-C: servers are stopped by the `with` blocks.
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def train(cfg: Config, resume: str | None = None) -> Path:
+    import torch
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import GRPOTrainer
+
+    from gymtrl.data.read import read_split
+    from gymtrl.data.rows import build_split
+    from gymtrl.gym.discovery import check_routes, discover
+    from gymtrl.metrics import MetricsJsonlWriter
+    from gymtrl.rollout.engine import RolloutEngine, SamplingParams
+    from gymtrl.rollout.failures import FailureBound, FailureLedger
+    from gymtrl.rollout.rollout_func import GymRolloutFunc, make_env_reward
+    from gymtrl.servers.stack import ServerStack
+    from gymtrl.servers.vllm import served_model_name
+    from gymtrl.sync.strategies import NcclSync, ReloadSync, WeightSync, choose_strategy
+    from gymtrl.sync.verify import SyncVerifier, default_tolerance, probe_token_ids
+    from gymtrl.sync.vllm_control import VLLMControl
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    _stop_on_sigterm()
+    out_dir = Path(cfg.output.dir)
+    write_resolved_config(cfg, out_dir)
+    if cfg.logging.wandb:
+        os.environ.setdefault("WANDB_PROJECT", cfg.logging.wandb_project)
+        os.environ.setdefault("WANDB_MODE", cfg.logging.wandb_mode)
+        os.environ.setdefault("WANDB_DIR", str(out_dir))
+
+    # --- data, checked before anything is started --------------------------------------------
+    train_rows = read_split(cfg.data.train, cfg.data.max_train_rows)
+    eval_rows = read_split(cfg.data.eval, cfg.data.max_eval_rows) if cfg.data.eval else []
+
+    cuda = torch.cuda.is_available()
+    strategy = choose_strategy(cfg.sync.strategy, cuda)
+    args = build_grpo_config(cfg, strategy, cuda)
+
+    # --- servers up, agents found, every row routed ----------------------------------------
+    with ServerStack(cfg, out_dir / "logs", nccl=strategy == "nccl") as servers:
+        topo = discover(cfg.gym.head_server_url, cfg.gym.rewrite_loopback_hosts)
+        check_routes(train_rows + eval_rows, topo)
+        store: dict[str, dict] = {}
+        train_ds = build_split("train", train_rows, topo, store)
+        eval_ds = build_split("eval", eval_rows, topo, store) if eval_rows else None
+
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path,
+                                                  trust_remote_code=cfg.model.trust_remote_code)
+        control = VLLMControl(cfg.vllm.base_url, cfg.vllm.request_timeout_s, cfg.vllm.api_key_env)
+        sync: WeightSync
+        if strategy == "reload":
+            sync = ReloadSync(control, Path(cfg.sync.dir or out_dir / "weight_sync"))
+        elif strategy == "nccl":
+            sync = NcclSync()
+        else:
+            sync = WeightSync()
+        verifier = None
+        if cfg.sync.verify:
+            tol = cfg.sync.verify_tolerance
+            if tol is None:
+                dtypes = {cfg.model.dtype, cfg.vllm.dtype}
+                tol = default_tolerance("float32" if dtypes == {"float32"} else "mixed")
+            verifier = SyncVerifier(control, served_model_name(cfg), probe_token_ids(tokenizer), tol)
+
+        ledger = FailureLedger(FailureBound(cfg.rollout.max_failure_rate, cfg.rollout.failure_window,
+                                            cfg.rollout.failure_min_rollouts))
+        engine = RolloutEngine(
+            topo, SamplingParams(args.temperature, args.top_p, args.max_completion_length), ledger,
+            cfg.rollout.max_concurrency, cfg.rollout.timeout_s, cfg.rollout.retries, cfg.rollout.retry_backoff_s,
+        )
+        placeholder = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
+        rollout_func = GymRolloutFunc(engine, store, sync, verifier, placeholder)
+
+        class WatchServers(TrainerCallback):
+            def on_step_end(self, *a, **k):
+                servers.check()  # a dead launched server stops the run at once, with its log tail
+
+        trainer = GRPOTrainer(
+            model=cfg.model.name_or_path,
+            reward_funcs=[make_env_reward(rollout_func)],
+            args=args,
+            train_dataset=train_ds,
+            eval_dataset=eval_ds,
+            processing_class=tokenizer,
+            rollout_func=rollout_func,
+            callbacks=[MetricsJsonlWriter(out_dir / "metrics.jsonl"), WatchServers()],
+        )
+        try:
+            trainer.train(resume_from_checkpoint=resume)
+            final = out_dir / "final"
+            trainer.save_model(str(final))
+            tokenizer.save_pretrained(str(final))
+        finally:
+            engine.close()
+            control.close()
+    return final
