@@ -121,15 +121,25 @@ def fetch_global_config(head_url: str, timeout_s: float = 10.0) -> dict:
     return config
 
 
-def wait_ready(head_url: str, timeout_s: float, is_alive=lambda: True) -> None:
-    """Poll `{head}/readyz` until 200 (every server and model endpoint up)."""
-    deadline = time.monotonic() + timeout_s
+def wait_ready(head_url: str, timeout_s: float, is_alive=lambda: True, unreachable_after_s: float | None = None) -> None:
+    """Poll `{head}/readyz` until 200 (every server and model endpoint up). With
+    `unreachable_after_s`, a head server that never answered at all by then is reported at once
+    (nothing is starting it) instead of after the whole timeout."""
+    start = time.monotonic()
+    deadline = start + timeout_s
     last = "no answer"
+    answered = False
     while time.monotonic() < deadline:
+        if unreachable_after_s is not None and not answered and time.monotonic() - start > unreachable_after_s:
+            raise ServerError(
+                f"cannot reach the NeMo Gym head server at {head_url} ({last})",
+                hint="start NeMo Gym (gym env start ...) or set gym.launch.enabled=true, and check gym.head_server_url",
+            )
         if not is_alive():
             raise ServerError("the NeMo Gym launcher exited before its servers were ready (see its log)")
         try:
             resp = httpx.get(f"{head_url.rstrip('/')}/readyz", timeout=5.0, trust_env=False)
+            answered = True
             if resp.status_code == 200:
                 return
             last = f"HTTP {resp.status_code}"

@@ -66,28 +66,34 @@ class GymRolloutFunc:
         self.engine.ledger.check_bound()
         self.last_outcomes = outcomes
 
-        out: dict[str, list] = {k: [] for k in ("prompt_ids", "completion_ids", "logprobs", "env_mask",
-                                                "env_reward", "gym_env", "num_turns", "rollout_failure")}
-        for o in outcomes:
-            t = o.trajectory
-            if t is None:
-                out["prompt_ids"].append([self.placeholder])
-                out["completion_ids"].append([self.placeholder])
-                out["logprobs"].append([0.0])
-                out["env_mask"].append([0])
-            else:
-                out["prompt_ids"].append(t.prompt_ids)
-                out["completion_ids"].append(t.completion_ids)
-                out["logprobs"].append(t.logprobs)
-                out["env_mask"].append(t.env_mask)
-            out["env_reward"].append(o.reward)
-            out["gym_env"].append(o.env)
-            out["num_turns"].append(t.num_turns if t else 0)
-            out["rollout_failure"].append(o.failure.value if o.failure else "")
+        out = to_trl_batch(outcomes, self.placeholder)
         metrics.update(batch_metrics(outcomes))
         metrics.update(self.engine.ledger.snapshot())
         self.pending_metrics = metrics
         return out
+
+
+def to_trl_batch(outcomes: list[RolloutOutcome], placeholder: int) -> dict[str, list]:
+    """TRL's rollout dict: one entry per outcome, in order. Extra keys reach the reward functions."""
+    out: dict[str, list] = {k: [] for k in ("prompt_ids", "completion_ids", "logprobs", "env_mask",
+                                            "env_reward", "gym_env", "num_turns", "rollout_failure")}
+    for o in outcomes:
+        t = o.trajectory
+        if t is None:  # excluded: nothing to train on, and reward None keeps it out of the baseline
+            out["prompt_ids"].append([placeholder])
+            out["completion_ids"].append([placeholder])
+            out["logprobs"].append([0.0])
+            out["env_mask"].append([0])
+        else:
+            out["prompt_ids"].append(t.prompt_ids)
+            out["completion_ids"].append(t.completion_ids)
+            out["logprobs"].append(t.logprobs)
+            out["env_mask"].append(t.env_mask)
+        out["env_reward"].append(o.reward)
+        out["gym_env"].append(o.env)
+        out["num_turns"].append(t.num_turns if t else 0)
+        out["rollout_failure"].append(o.failure.value if o.failure else "")
+    return out
 
 
 def batch_metrics(outcomes: list[RolloutOutcome]) -> dict[str, float]:

@@ -63,7 +63,7 @@ class ServerStack:
             wait_ready(cfg.gym.head_server_url, cfg.gym.launch.startup_timeout_s,
                        is_alive=lambda: gym.alive() or bool(gym.check()))
         else:
-            wait_ready(cfg.gym.head_server_url, 30.0)
+            wait_ready(cfg.gym.head_server_url, 120.0, unreachable_after_s=3.0)
 
     def _check_served_model(self) -> None:
         control = VLLMControl(self.cfg.vllm.base_url, self.cfg.vllm.request_timeout_s, self.cfg.vllm.api_key_env)

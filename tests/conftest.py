@@ -1,0 +1,106 @@
+"""Shared, session-scoped real servers: one vLLM CPU server and one set of NeMo Gym servers, started
+once through gymtrl's own launcher code and shared by every integration test.
+
+The venvs come from scripts/setup_venvs.sh through scripts/env.sh (scripts/test.sh sources it).
+Without them the integration tests fail loudly rather than skip: a green run must mean they ran.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def require_env(name: str) -> str:
+    value = os.environ.get(name)
+    if not value:
+        pytest.fail(f"{name} is not set: run the tests through scripts/test.sh (it builds and exports the venvs)")
+    return value
+
+
+@pytest.fixture(scope="session")
+def gym_site() -> Path:
+    return Path(require_env("GYMTRL_GYM_SITE"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, gym_site) -> Path:
+    out = tmp_path_factory.mktemp("model") / "tiny"
+    subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "make_tiny_model.py"), str(out),
+         "--corpus", str(gym_site / "resources_servers/workplace_assistant/data/example.jsonl"),
+         "--corpus", str(gym_site / "resources_servers/example_multi_step/data/example.jsonl")],
+        check=True, capture_output=True,
+    )
+    return out
+
+
+def server_config(model: Path, vllm_port: int, head_port: int, out_dir: Path, launch: bool = True):
+    """A gymtrl Config for the test servers (vLLM + workplace_assistant + digit_reply + example_multi_step)."""
+    from gymtrl.config.load import load_config
+
+    text = f"""
+model: {{name_or_path: {model}, dtype: float32}}
+data: {{train: [unused.jsonl]}}
+gym:
+  head_server_url: http://127.0.0.1:{head_port}
+  launch:
+    enabled: {str(launch).lower()}
+    venv: {require_env('GYMTRL_GYM_VENV')}
+    config_paths:
+      - responses_api_models/vllm_model/configs/vllm_model_for_training.yaml
+      - resources_servers/workplace_assistant/configs/workplace_assistant.yaml
+      - resources_servers/example_multi_step/configs/example_multi_step.yaml
+      - resources_servers/digit_reply/configs/digit_reply.yaml
+vllm:
+  base_url: http://127.0.0.1:{vllm_port}
+  served_model_name: tiny
+  dtype: float32
+  max_model_len: 8192
+  launch:
+    enabled: {str(launch).lower()}
+    venv: {require_env('GYMTRL_VLLM_VENV')}
+    extra_args: [--enforce-eager, --kv-cache-memory-bytes, "268435456"]
+output: {{dir: {out_dir}}}
+"""
+    path = out_dir / "servers.yaml"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return load_config(path)
+
+
+class Servers:
+    def __init__(self, cfg, stack, model: Path):
+        self.cfg = cfg
+        self.stack = stack
+        self.model = model
+        self.vllm_url = cfg.vllm.base_url
+        self.head_url = cfg.gym.head_server_url
+
+    def connect_overrides(self) -> list[str]:
+        """Overrides that point a `gymtrl train` run at these servers (connect mode)."""
+        return [f"vllm.base_url={self.vllm_url}", "vllm.served_model_name=tiny",
+                f"gym.head_server_url={self.head_url}", f"model.name_or_path={self.model}"]
+
+
+@pytest.fixture(scope="session")
+def servers(tiny_model, tmp_path_factory):
+    from gymtrl.servers.stack import ServerStack
+
+    out = tmp_path_factory.mktemp("servers")
+    cfg = server_config(tiny_model, free_port(), free_port(), out)
+    with ServerStack(cfg, out / "logs", nccl=False) as stack:
+        yield Servers(cfg, stack, tiny_model)

@@ -1,0 +1,83 @@
+"""Config loading: typed schema, overrides, and one clear message per mistake."""
+
+import textwrap
+
+import pytest
+
+from gymtrl.config import load_config, write_resolved_config
+from gymtrl.errors import ConfigError
+
+GOOD = """\
+model:
+  name_or_path: some/model
+data:
+  train: rows.jsonl
+  eval:
+    - path: val.jsonl
+      agent: my_agent
+grpo:
+  max_steps: 3
+  learning_rate: 1.0e-4
+"""
+
+
+def write(tmp_path, text, name="c.yaml"):
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+def test_good_config_defaults_and_sources(tmp_path):
+    cfg = load_config(write(tmp_path, GOOD))
+    assert cfg.model.name_or_path == "some/model"
+    assert [s.path for s in cfg.data.train] == ["rows.jsonl"]
+    assert cfg.data.eval[0].agent == "my_agent"
+    assert cfg.grpo == {"max_steps": 3, "learning_rate": 1e-4}
+    assert cfg.rollout.max_concurrency == 64 and cfg.sync.strategy == "auto"
+
+
+def test_overrides_apply_and_are_typed(tmp_path):
+    cfg = load_config(write(tmp_path, GOOD), ["rollout.timeout_s=5", "grpo.max_steps=7", "sync.strategy=reload"])
+    assert cfg.rollout.timeout_s == 5.0
+    assert cfg.grpo["max_steps"] == 7
+    assert cfg.sync.strategy == "reload"
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(write(tmp_path, GOOD), ["rollout.retries=5"])
+    out = write_resolved_config(cfg, tmp_path / "run")
+    again = load_config(out)
+    assert again == cfg
+
+
+@pytest.mark.parametrize("text, overrides, expected", [
+    (GOOD + "rollout:\n  max_concurency: 3\n", [], "c.yaml:12: unknown key 'rollout.max_concurency' (did you mean 'max_concurrency'?)"),
+    (GOOD.replace("model:", "modle:"), [], "c.yaml:1: unknown key 'modle' (did you mean 'model'?)"),
+    (GOOD, ["vllm.baseurl=x"], "command-line override: unknown key 'vllm.baseurl' (did you mean 'base_url'?)"),
+    (GOOD + "  learning_rat: 1\n", [], "c.yaml:11: unknown key 'grpo.learning_rat': not a field of trl.GRPOConfig (did you mean 'learning_rate'?)"),
+    (GOOD + "  output_dir: x\n", [], "'grpo.output_dir' is set by gymtrl; use 'output.dir' instead"),
+    (GOOD + "rollout:\n  max_concurrency: many\n", [], "bad value for 'rollout.max_concurrency'"),
+    ("data:\n  train: x.jsonl\n", [], "required key(s) not set: model.name_or_path"),
+    (GOOD, ["grpo.max_steps"], "override 'grpo.max_steps' is not of the form key=value"),
+    (GOOD, ["sync.strategy=magic"], "sync.strategy must be one of auto, nccl, reload, none"),
+    ("model: [unclosed\n", [], "c.yaml:2:1: invalid YAML"),
+    ("- a\n- b\n", [], "the top level must be a mapping"),
+])
+def test_each_mistake_gets_one_clear_message(tmp_path, text, overrides, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, text), overrides)
+    assert expected in str(e.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_shipped_quickstart_config_is_valid(monkeypatch):
+    monkeypatch.setenv("GYMTRL_GYM_SITE", "/site")
+    monkeypatch.setenv("GYMTRL_GYM_VENV", "/gym")
+    monkeypatch.setenv("GYMTRL_VLLM_VENV", "/vllm")
+    cfg = load_config("configs/quickstart.yaml")
+    assert cfg.gym.launch.enabled and cfg.vllm.launch.enabled
+    assert cfg.data.train[1].path == "/site/resources_servers/workplace_assistant/data/example.jsonl"

@@ -1,0 +1,81 @@
+"""Every kind of failed rollout is excluded (reward None, mask 0) and counted under its kind; the
+client retries what is worth retrying and never waits past the deadline. Faults come from
+FaultInjectingAgentServer (a deliberate fake); the engine, client and ledger are the real ones."""
+
+import time
+
+import pytest
+
+from fault_agents import FaultInjectingAgentServer
+from gymtrl.errors import RolloutFailureBoundError
+from gymtrl.gym.discovery import GymTopology
+from gymtrl.rollout.engine import RolloutEngine, SamplingParams
+from gymtrl.rollout.failures import FailureBound, FailureKind, FailureLedger
+from gymtrl.rollout.rollout_func import to_trl_batch
+
+FAULTS = ["ok", "http500", "flaky500", "hang", "notjson", "truncated", "noreward", "masked", "mismatch", "notokens"]
+EXPECTED = {
+    "ok": None, "flaky500": None, "http500": FailureKind.HTTP_ERROR, "hang": FailureKind.TIMEOUT,
+    "notjson": FailureKind.INVALID_REPLY, "truncated": FailureKind.INVALID_REPLY,
+    "noreward": FailureKind.MISSING_REWARD, "masked": FailureKind.MASK_SAMPLE,
+    "mismatch": FailureKind.PREFIX_MISMATCH, "notokens": FailureKind.MISSING_TOKEN_IDS,
+}
+
+
+@pytest.fixture
+def agents():
+    with FaultInjectingAgentServer(hang_s=30.0) as server:
+        yield server
+
+
+def make_engine(agents, ledger, timeout_s=2.0):
+    topo = GymTopology({f: f"{agents.url}/{f}" for f in FAULTS})
+    return RolloutEngine(topo, SamplingParams(1.0, 1.0, 16), ledger, max_concurrency=16, timeout_s=timeout_s,
+                         retries=2, retry_backoff_s=0.05)
+
+
+def row(fault):
+    return {"responses_create_params": {"input": "hi"}, "agent_ref": {"name": fault}}
+
+
+def test_each_fault_is_counted_under_its_kind(agents):
+    ledger = FailureLedger(FailureBound(max_rate=1.0, window=100, min_rollouts=1))
+    engine = make_engine(agents, ledger)
+    try:
+        start = time.monotonic()
+        outcomes = engine.run([row(f) for f in FAULTS])
+        elapsed = time.monotonic() - start
+    finally:
+        engine.close()
+    assert elapsed < 10, "the hanging rollout must be cut at its 2 s deadline"
+    for fault, o in zip(FAULTS, outcomes):
+        assert o.env == fault
+        assert o.failure is EXPECTED[fault], (fault, o.detail)
+        assert (o.reward is None) == (EXPECTED[fault] is not None)
+    snap = ledger.snapshot()
+    for fault, kind in EXPECTED.items():
+        if kind is not None:
+            assert snap[f"failures/{fault}/{kind.value}"] == 1
+    assert agents.calls["http500"] == 3  # first try + 2 retries
+    assert agents.calls["flaky500"] == 2  # a 503 once, then success
+    assert agents.calls["noreward"] == 1  # a 200 is never retried
+
+
+def test_failed_rollouts_become_masked_placeholders_and_the_bound_stops(agents):
+    ledger = FailureLedger(FailureBound(max_rate=0.5, window=8, min_rollouts=4))
+    engine = make_engine(agents, ledger)
+    try:
+        outcomes = engine.run([row(f) for f in ["ok", "ok", "masked", "noreward"]])
+        out = to_trl_batch(outcomes, placeholder=0)
+        assert out["env_reward"] == [1.0, 1.0, None, None]
+        assert out["env_mask"][0] == [1, 1] and out["env_mask"][2] == [0] and out["env_mask"][3] == [0]
+        assert out["completion_ids"][0] == [4, 5] and out["logprobs"][0] == [-0.1, -0.2]
+        assert out["rollout_failure"] == ["", "", "mask_sample", "missing_reward"]
+        assert out["gym_env"] == ["ok", "ok", "masked", "noreward"]
+        ledger.check_bound()  # below the bound: training goes on
+        # A dead environment: every rollout fails; the bound turns it into a stop naming it.
+        engine.run([row("http500") for _ in range(4)])
+        with pytest.raises(RolloutFailureBoundError, match="environment 'http500'.*http_error=4"):
+            ledger.check_bound()
+    finally:
+        engine.close()

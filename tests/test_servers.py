@@ -1,0 +1,101 @@
+"""Against the real servers (vLLM CPU + NeMo Gym 0.7.0, session-scoped): routing, stitching and
+logprobs of real rollouts, and weight sync with its verification."""
+
+import json
+
+import pytest
+import torch
+
+from gymtrl.errors import WeightSyncError
+from gymtrl.gym.discovery import discover
+from gymtrl.rollout.engine import RolloutEngine, SamplingParams
+from gymtrl.rollout.failures import FailureBound, FailureLedger
+from gymtrl.sync.strategies import ReloadSync
+from gymtrl.sync.verify import SyncVerifier, probe_token_ids, trainer_logprobs
+from gymtrl.sync.vllm_control import VLLMControl
+
+pytestmark = pytest.mark.servers
+
+DIGIT_AGENT = "digit_reply_simple_agent"
+WA_AGENT = "workplace_assistant_simple_agent"
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tiny_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32), AutoTokenizer.from_pretrained(tiny_model)
+
+
+@pytest.fixture
+def control(servers):
+    c = VLLMControl(servers.vllm_url, 60)
+    yield c
+    c.close()
+
+
+def push(control, model, tmp_path):
+    ReloadSync(control, tmp_path / "sync").push(model)
+
+
+def digit_row():
+    return {"responses_create_params": {"input": [{"role": "system", "content": "You answer with digits only."},
+                                                  {"role": "user", "content": "Pick a number."}]},
+            "agent_ref": {"type": "responses_api_agents", "name": DIGIT_AGENT}}
+
+
+def workplace_row(gym_site):
+    line = (gym_site / "resources_servers/workplace_assistant/data/example.jsonl").read_text().splitlines()[0]
+    return {**json.loads(line), "agent_ref": {"type": "responses_api_agents", "name": WA_AGENT}}
+
+
+def test_two_environments_in_one_batch_each_row_reaches_its_own_agent(servers, gym_site, model_and_tokenizer,
+                                                                       control, tmp_path):
+    model, tokenizer = model_and_tokenizer
+    push(control, model, tmp_path)  # the server may hold another test's weights
+    topo = discover(servers.head_url)
+    assert {DIGIT_AGENT, WA_AGENT} <= set(topo.agents)
+    ledger = FailureLedger(FailureBound(1.0, 10, 1))
+    engine = RolloutEngine(topo, SamplingParams(1.0, 1.0, 12), ledger, 8, 120.0, 0, 0.1)
+    try:
+        outcomes = engine.run([digit_row(), workplace_row(gym_site), digit_row()])
+    finally:
+        engine.close()
+    assert [o.env for o in outcomes] == [DIGIT_AGENT, WA_AGENT, DIGIT_AGENT]
+    assert all(o.failure is None for o in outcomes), [o.detail for o in outcomes]
+    # Each reply is its own environment's verifier output: digit_reply reports digit_fraction as
+    # its reward; workplace_assistant has no such field and scores the (random) calls 0.
+    for o in (outcomes[0], outcomes[2]):
+        assert o.reward == pytest.approx(o.reply["digit_fraction"])
+    assert "digit_fraction" not in outcomes[1].reply and outcomes[1].reward == 0.0
+
+    # The prompt ids are the tokenizer's own rendering of the row; the completion carries the
+    # sampling logprobs, which the trainer's model reproduces (float32, temperature 1).
+    t = outcomes[0].trajectory
+    messages = digit_row()["responses_create_params"]["input"]
+    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert t.prompt_ids == tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    assert t.env_mask == [1] * len(t.completion_ids) and 0 < len(t.completion_ids) <= 12
+    ours = trainer_logprobs(model, t.prompt_ids + t.completion_ids)[len(t.prompt_ids) - 1:]
+    assert max(abs(a - b) for a, b in zip(ours, t.logprobs)) < 1e-3
+
+
+def test_weight_sync_is_verified_and_a_stale_server_is_caught(servers, model_and_tokenizer, control, tmp_path):
+    model, tokenizer = model_and_tokenizer
+    verifier = SyncVerifier(control, "tiny", probe_token_ids(tokenizer), tolerance=1e-3)
+    changed = type(model).from_pretrained(servers.model, dtype=torch.float32)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in changed.parameters():  # every tensor, the tied embedding/head included
+            p.add_(torch.randn_like(p) * 0.05)
+    try:
+        push(control, changed, tmp_path)
+        assert verifier.check(changed, step=1) < 1e-3
+        # Sync "disabled": the trainer moves on, the server keeps the old weights -> caught.
+        with torch.no_grad():
+            changed.model.embed_tokens.weight.add_(torch.randn_like(changed.model.embed_tokens.weight) * 0.05)
+        with pytest.raises(WeightSyncError, match="not serving the weights being trained"):
+            verifier.check(changed, step=2)
+    finally:
+        push(control, model, tmp_path)
+    assert verifier.check(model, step=3) < 1e-3
