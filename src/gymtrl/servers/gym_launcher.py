@@ -45,6 +45,15 @@ def http_status(url: str) -> int | None:
         return None
 
 
+def die_with_parent() -> None:
+    """Run in each child before exec: the kernel sends it SIGTERM when the launcher dies, even by
+    SIGKILL, so no server outlives the launcher that gymtrl supervises."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def parse_value(text: str):
     import yaml
 
@@ -133,7 +142,8 @@ def main() -> int:
         logf = open(log_dir / f"{name}.log", "ab")
         proc = subprocess.Popen(
             [sys.executable, str(block["entrypoint"])],
-            cwd=server_dir, env=env, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
+            # Same process group as the launcher (gymtrl stops the whole group) and dies with it.
+            cwd=server_dir, env=env, stdout=logf, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
         )
         procs[name] = proc
         urls[name] = f"http://{block['host']}:{block['port']}"
@@ -148,13 +158,13 @@ def main() -> int:
     def stop_all(code: int) -> None:
         for proc in procs.values():
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
+                proc.terminate()
         deadline = time.monotonic() + 5
         for proc in procs.values():
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+                proc.kill()
         sys.exit(code)
 
     signal.signal(signal.SIGTERM, lambda *_: stop_all(0))

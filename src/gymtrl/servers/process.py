@@ -26,6 +26,15 @@ def tail(path: Path, lines: int = 20) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+def _own_group_and_die_with_parent() -> None:
+    """Run in the child before exec: its own process group (stop() signals the whole tree), and
+    SIGTERM from the kernel if gymtrl itself dies, even by SIGKILL, so no server is left behind."""
+    import ctypes
+
+    os.setsid()
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 class ManagedProcess:
     def __init__(self, name: str, command: list[str], log_path: Path, env: dict[str, str] | None = None,
                  cwd: str | None = None):
@@ -44,7 +53,7 @@ class ManagedProcess:
         try:
             self.proc = subprocess.Popen(
                 self.command, stdout=logf, stderr=subprocess.STDOUT, env={**os.environ, **(self.env or {})},
-                cwd=self.cwd, start_new_session=True,  # own process group: stop() reaches its children
+                cwd=self.cwd, preexec_fn=_own_group_and_die_with_parent,
             )
         except OSError as e:
             raise ServerError(f"cannot start {self.name}: {e}", hint=f"command: {' '.join(self.command)}") from None

@@ -1,0 +1,86 @@
+"""Whole `gymtrl train` runs as a user starts them: the quickstart must learn, and a run whose
+environment dies must stop with a message that says which and why."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, free_port, server_config
+from gymtrl.metrics import read_metrics
+from gymtrl.servers.gym import gym_command
+from gymtrl.servers.process import ManagedProcess
+
+pytestmark = pytest.mark.servers
+DIGIT_ROWS = REPO / "src/gymtrl/envs/resources_servers/digit_reply/data/train.jsonl"
+
+
+def mean(xs):
+    return sum(xs) / len(xs)
+
+
+def test_quickstart_learns(tmp_path):
+    """configs/quickstart.yaml through scripts/quickstart.sh (servers launched by gymtrl): reward
+    rises on digit_reply, both environments are trained on, and every sync was verified."""
+    out = tmp_path / "quickstart"
+    env = {**os.environ, "GYMTRL_TINY_MODEL": str(tmp_path / "tiny-model")}
+    proc = subprocess.run(["bash", str(REPO / "scripts/quickstart.sh"), f"output.dir={out}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = [m for m in read_metrics(out / "metrics.jsonl") if "reward" in m]
+    assert len(steps) == 40
+    digit = [m["env/digit_reply_simple_agent/reward"] for m in steps]
+    first, last = mean(digit[:5]), mean(digit[-5:])
+    print(f"digit_reply reward: first 5 steps {first:.3f}, last 5 steps {last:.3f}")
+    assert last > first + 0.05 and last > 2 * first, (first, last)
+    assert any("env/workplace_assistant_simple_agent/reward" in m for m in steps)
+    assert all(m["sync/verify_max_logprob_diff"] < 1e-3 for m in steps)
+    assert all(m["rollouts/total"] > 0 and m["failures/total"] == 0 for m in steps)
+    assert (out / "final" / "model.safetensors").exists() and (out / "config.yaml").exists()
+    assert "Traceback" not in proc.stderr
+
+
+def test_dead_agent_server_ends_the_run_with_a_clear_message(servers, tmp_path):
+    # A Gym of its own (digit_reply only), so that killing it leaves the session's servers alone.
+    gym_cfg = server_config(servers.model, int(servers.vllm_url.rsplit(":", 1)[1]), free_port(), tmp_path / "gym",
+                            launch=True)
+    gym_cfg.gym.launch.config_paths = ["responses_api_models/vllm_model/configs/vllm_model_for_training.yaml",
+                                       "resources_servers/digit_reply/configs/digit_reply.yaml"]
+    gym = ManagedProcess("gym", gym_command(gym_cfg, tmp_path / "gym/logs"), tmp_path / "gym.log")
+    gym.start()
+    config = tmp_path / "c.yaml"
+    config.write_text(f"""
+model: {{name_or_path: {servers.model}, dtype: float32}}
+data: {{train: [{DIGIT_ROWS}]}}
+rollout: {{max_failure_rate: 0.5, failure_window: 16, failure_min_rollouts: 8, retries: 1, retry_backoff_s: 0.1}}
+grpo: {{max_steps: 200, per_device_train_batch_size: 8, num_generations: 4, max_completion_length: 8,
+        save_strategy: "no", learning_rate: 1.0e-4}}
+output: {{dir: {tmp_path / 'run'}}}
+""")
+    try:
+        from gymtrl.gym.discovery import wait_ready
+
+        wait_ready(gym_cfg.gym.head_server_url, 300, is_alive=gym.alive)
+        overrides = [o for o in servers.connect_overrides() if not o.startswith("gym.head_server_url")]
+        run = subprocess.Popen([sys.executable, "-m", "gymtrl.cli", "train", "--config", str(config), *overrides,
+                                f"gym.head_server_url={gym_cfg.gym.head_server_url}"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        metrics = tmp_path / "run/metrics.jsonl"
+        deadline = time.monotonic() + 300
+        while not (metrics.exists() and metrics.read_text().strip()):
+            assert run.poll() is None, run.stderr.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        os.killpg(gym.proc.pid, signal.SIGKILL)  # the agent (and the rest of that Gym) dies mid-run
+        _, stderr = run.communicate(timeout=300)
+    finally:
+        gym.stop()
+    assert run.returncode == 4, stderr[-2000:]
+    assert "Traceback" not in stderr
+    [line] = [l for l in stderr.splitlines() if l.startswith("gymtrl: error:")]
+    assert "environment 'digit_reply_simple_agent'" in line and "connection_error" in line
