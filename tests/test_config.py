@@ -81,3 +81,25 @@ def test_shipped_quickstart_config_is_valid(monkeypatch):
     cfg = load_config("configs/quickstart.yaml")
     assert cfg.gym.launch.enabled and cfg.vllm.launch.enabled
     assert cfg.data.train[1].path == "/site/resources_servers/workplace_assistant/data/example.jsonl"
+
+
+def test_readme_config_reference_lists_every_key():
+    """The README's reference table is written by hand; this keeps it from drifting from the schema."""
+    import dataclasses
+    from pathlib import Path
+
+    from gymtrl.config.schema import Config
+
+    readme = Path(__file__).resolve().parents[1].joinpath("README.md").read_text()
+
+    def keys(cls, prefix=""):
+        for f in dataclasses.fields(cls):
+            value = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+            if dataclasses.is_dataclass(value):
+                yield from keys(type(value), f"{prefix}{f.name}.")
+            else:
+                yield prefix, f.name
+
+    missing = [p + n for p, n in keys(Config) if f"`{p}{n}`" not in readme and f".{n}`" not in readme
+               and f"`{p}{n}" not in readme and p + n != "grpo"]
+    assert not missing, f"README config reference lacks: {missing}"
