@@ -79,3 +79,14 @@ def test_failed_rollouts_become_masked_placeholders_and_the_bound_stops(agents):
             ledger.check_bound()
     finally:
         engine.close()
+
+
+def test_tool_constraints_are_lifted_unless_asked_to_keep():
+    row = {"responses_create_params": {"input": "hi", "parallel_tool_calls": False,
+                                       "tools": [{"type": "function", "name": "f", "strict": True}]}}
+    sent = SamplingParams(0.7, 0.9, 32).apply(row)["responses_create_params"]
+    assert sent["tools"][0]["strict"] is False and sent["parallel_tool_calls"] is True
+    assert (sent["temperature"], sent["top_p"], sent["max_output_tokens"]) == (0.7, 0.9, 32)
+    kept = SamplingParams(1.0, 1.0, None, lift_tool_constraints=False).apply(row)["responses_create_params"]
+    assert kept["tools"][0]["strict"] is True and kept["parallel_tool_calls"] is False
+    assert row["responses_create_params"]["tools"][0]["strict"] is True  # the stored row is untouched

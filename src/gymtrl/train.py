@@ -117,7 +117,8 @@ def train(cfg: Config, resume: str | None = None) -> Path:
         ledger = FailureLedger(FailureBound(cfg.rollout.max_failure_rate, cfg.rollout.failure_window,
                                             cfg.rollout.failure_min_rollouts))
         engine = RolloutEngine(
-            topo, SamplingParams(args.temperature, args.top_p, args.max_completion_length), ledger,
+            topo, SamplingParams(args.temperature, args.top_p, args.max_completion_length,
+                                 cfg.rollout.lift_tool_constraints), ledger,
             cfg.rollout.max_concurrency, cfg.rollout.timeout_s, cfg.rollout.retries, cfg.rollout.retry_backoff_s,
         )
         placeholder = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id

@@ -98,6 +98,9 @@ class RolloutConfig:
     # Retries for connection errors and 5xx replies, with exponential backoff.
     retries: int = 2
     retry_backoff_s: float = 0.5
+    # Send tools with strict=false and parallel_tool_calls=true: vLLM enforces both by constrained
+    # decoding and then reports logprobs the trainer's model cannot reproduce (off-policy samples).
+    lift_tool_constraints: bool = True
     # Stop the run when an environment's failure rate over its last `failure_window` rollouts
     # exceeds this (after at least `failure_min_rollouts`).
     max_failure_rate: float = 0.5
