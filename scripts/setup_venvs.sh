@@ -87,10 +87,18 @@ build_gym() {
 
 targets=("$@"); [ ${#targets[@]} -gt 0 ] || targets=(trainer vllm gym)
 for t in "${targets[@]}"; do
-  case "$t" in
-    trainer) build_trainer ;;
-    vllm) build_vllm ;;
-    gym) build_gym ;;
-    *) echo "unknown venv '$t' (expected trainer, vllm or gym)" >&2; exit 2 ;;
-  esac
+  case "$t" in trainer|vllm|gym) ;; *) echo "unknown venv '$t' (expected trainer, vllm or gym)" >&2; exit 2 ;; esac
 done
+# The venvs are independent: build them side by side, then report in order (and fail if any failed).
+outdir=$(mktemp -d)
+pids=()
+for t in "${targets[@]}"; do
+  ( "build_$t" > "$outdir/$t" ) &
+  pids+=($!)
+done
+status=0
+for i in "${!targets[@]}"; do
+  if wait "${pids[$i]}"; then cat "$outdir/${targets[$i]}"; else echo "[setup_venvs] building the ${targets[$i]} venv failed" >&2; status=1; fi
+done
+rm -rf "$outdir"
+exit $status
