@@ -4,6 +4,7 @@ tokenizer's rendering of the conversation, the mask exactly the model's own toke
 logprobs the sampling ones."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -107,19 +108,23 @@ def test_multi_turn_trajectory_matches_the_rendering_token_by_token(servers, tau
 
 
 def test_multi_turn_training_run(servers, taught_model, rows_file, tmp_path):
-    """`gymtrl train` on the multi-step tool environment: real tool calls, no dropped episodes."""
+    """`gymtrl train` on the multi-step tool environment: real tool calls, no dropped episodes, and
+    wandb in offline mode (no account) beside metrics.jsonl."""
     config = tmp_path / "c.yaml"
     config.write_text(f"""
 model: {{name_or_path: {taught_model}, dtype: float32}}
 data: {{train: [{{path: {rows_file}, agent: {AGENT}}}]}}
 grpo: {{max_steps: 2, per_device_train_batch_size: 4, num_generations: 4, max_completion_length: 64,
         save_strategy: "no", learning_rate: 1.0e-4}}
+logging: {{wandb: true, wandb_mode: offline}}
 output: {{dir: {tmp_path / 'run'}}}
 """)
     overrides = [o for o in servers.connect_overrides() if not o.startswith("model.")]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     proc = subprocess.run([sys.executable, "-m", "gymtrl.cli", "train", "--config", str(config), *overrides],
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert list((tmp_path / "run/wandb").glob("offline-run-*/run-*.wandb"))
     steps = [m for m in read_metrics(tmp_path / "run/metrics.jsonl") if "reward" in m]
     assert len(steps) == 2
     # Free sampling (constraints lifted) sometimes breaks the taught model's JSON: then the episode
