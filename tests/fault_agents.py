@@ -30,6 +30,7 @@ MISMATCH_OUTPUT = [
 class FaultInjectingAgentServer:
     def __init__(self, hang_s: float = 30.0):
         self.calls: dict[str, int] = {}
+        self.cookies_seen: list[str | None] = []
         self.hang_s = hang_s
         outer = self
 
@@ -42,6 +43,9 @@ class FaultInjectingAgentServer:
                 outer.calls[fault] = outer.calls.get(fault, 0) + 1
                 length = int(self.headers.get("Content-Length", 0))
                 self.rfile.read(length)
+                outer.cookies_seen.append(self.headers.get("Cookie"))
+                if fault == "setcookie":  # what a Gym server's session cookie looks like to a client
+                    return self._send(200, json.dumps(good_reply()), {"Set-Cookie": "session=rollout-1; Path=/"})
                 if fault == "hang":
                     time.sleep(outer.hang_s)
                 if fault == "http500":
@@ -64,9 +68,11 @@ class FaultInjectingAgentServer:
                     return self._send(200, json.dumps(good_reply(output=[{"type": "message", "content": []}])))
                 return self._send(200, json.dumps(good_reply()))
 
-            def _send(self, code, body):
+            def _send(self, code, body, headers=None):
                 data = body.encode()
                 self.send_response(code)
+                for key, value in (headers or {}).items():
+                    self.send_header(key, value)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()

@@ -13,9 +13,9 @@ from gymtrl.rollout.engine import RolloutEngine, SamplingParams
 from gymtrl.rollout.failures import FailureBound, FailureKind, FailureLedger
 from gymtrl.rollout.rollout_func import to_trl_batch
 
-FAULTS = ["ok", "http500", "flaky500", "hang", "notjson", "truncated", "noreward", "masked", "mismatch", "notokens"]
+FAULTS = ["setcookie", "ok", "http500", "flaky500", "hang", "notjson", "truncated", "noreward", "masked", "mismatch", "notokens"]
 EXPECTED = {
-    "ok": None, "flaky500": None, "http500": FailureKind.HTTP_ERROR, "hang": FailureKind.TIMEOUT,
+    "setcookie": None, "ok": None, "flaky500": None, "http500": FailureKind.HTTP_ERROR, "hang": FailureKind.TIMEOUT,
     "notjson": FailureKind.INVALID_REPLY, "truncated": FailureKind.INVALID_REPLY,
     "noreward": FailureKind.MISSING_REWARD, "masked": FailureKind.MASK_SAMPLE,
     "mismatch": FailureKind.PREFIX_MISMATCH, "notokens": FailureKind.MISSING_TOKEN_IDS,
@@ -90,3 +90,14 @@ def test_tool_constraints_are_lifted_unless_asked_to_keep():
     kept = SamplingParams(1.0, 1.0, None, lift_tool_constraints=False).apply(row)["responses_create_params"]
     assert kept["tools"][0]["strict"] is True and kept["parallel_tool_calls"] is False
     assert row["responses_create_params"]["tools"][0]["strict"] is True  # the stored row is untouched
+
+
+def test_no_cookie_travels_between_rollouts(agents):
+    ledger = FailureLedger(FailureBound(max_rate=1.0, window=10, min_rollouts=1))
+    engine = make_engine(agents, ledger)
+    try:
+        engine.run([row("setcookie")])
+        engine.run([row("ok"), row("setcookie")])
+    finally:
+        engine.close()
+    assert agents.cookies_seen == [None, None, None]

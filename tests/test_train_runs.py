@@ -4,6 +4,7 @@ environment dies must stop with a message that says which and why."""
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -43,6 +44,11 @@ def test_quickstart_learns(tmp_path):
     assert all(m["rollouts/total"] > 0 and m["failures/total"] == 0 for m in steps)
     assert (out / "final" / "model.safetensors").exists() and (out / "config.yaml").exists()
     assert "Traceback" not in proc.stderr
+    # The servers gymtrl launched are gone: their ports are free again.
+    for port in (8000, 11000):
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is fine; a listener is not
+            sock.bind(("127.0.0.1", port))
 
 
 def test_dead_agent_server_ends_the_run_with_a_clear_message(servers, tmp_path):
