@@ -33,7 +33,6 @@ class GymRolloutFunc:
         self.placeholder = placeholder_token_id
         self.synced_step: int | None = None
         self.pending_metrics: dict[str, float] = {}
-        self.last_outcomes: list[RolloutOutcome] = []
 
     # --- weight sync ------------------------------------------------------------------------
     def _sync(self, trainer) -> dict[str, float]:
@@ -42,17 +41,20 @@ class GymRolloutFunc:
             return {}
         model = trainer.accelerator.unwrap_model(trainer.model)
         metrics: dict[str, float] = {}
+        diff = None
         if self.synced_step is None and self.verifier is not None and self.sync.name != "nccl":
             # First call: the server loaded the model from disk; push only if it is not ours
             # (a resumed run, or a server started from another checkpoint).
             try:
-                metrics["sync/verify_max_logprob_diff"] = self.verifier.check(model, step)
+                diff = self.verifier.check(model, step)
             except WeightSyncError:
-                metrics["sync/seconds"] = self.sync.push(model)
-        else:
+                pass
+        if diff is None:
             metrics["sync/seconds"] = self.sync.push(model)
-        if self.verifier is not None:
-            metrics["sync/verify_max_logprob_diff"] = self.verifier.check(model, step)
+            if self.verifier is not None:
+                diff = self.verifier.check(model, step)
+        if diff is not None:
+            metrics["sync/verify_max_logprob_diff"] = diff
         self.synced_step = step
         return metrics
 
@@ -64,7 +66,6 @@ class GymRolloutFunc:
         outcomes = self.engine.run(rows)
         metrics["rollout/batch_seconds"] = time.monotonic() - start
         self.engine.ledger.check_bound()
-        self.last_outcomes = outcomes
 
         out = to_trl_batch(outcomes, self.placeholder)
         metrics.update(batch_metrics(outcomes))
