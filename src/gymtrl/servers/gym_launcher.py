@@ -138,7 +138,8 @@ def main() -> int:
     instances = []
     for name, server_type, impl, block in server_blocks(config):
         server_dir = _resolve_server_dir(Path(server_type, impl))
-        env = dict(os.environ, NEMO_GYM_CONFIG_DICT=config_yaml, NEMO_GYM_CONFIG_PATH=name, PYTHONPATH=".")
+        pythonpath = os.pathsep.join(p for p in (".", os.environ.get("PYTHONPATH", "")) if p)
+        env = dict(os.environ, NEMO_GYM_CONFIG_DICT=config_yaml, NEMO_GYM_CONFIG_PATH=name, PYTHONPATH=pythonpath)
         logf = open(log_dir / f"{name}.log", "ab")
         proc = subprocess.Popen(
             [sys.executable, str(block["entrypoint"])],
