@@ -3,6 +3,10 @@
 # (see shared/offline-gpu-bundle/README.md): finish the install, then run configs/gpu-2x.yaml with
 # a random-weight model of Qwen2.5-0.5B's shape. Small logs and metrics are copied to $OUT.
 #   bash scripts/device_gpu_2x.sh [SECONDS] [key=value ...]
+# Status (2026-11-25): not yet run to completion. On 2x H200 the bundle installed and vLLM came up
+# (NCCL weight-transfer flags on), then two runs passed their time limits with no logs returned;
+# the second may have met the first one's still-running servers on ports 8000/11000. Next try:
+# kill leftovers first, a short gym-only smoke, then the training run.
 set -uo pipefail
 limit=${1:-400}; shift || true
 bash .gpu-bundle/p2/install.sh --need-all >/dev/null || exit 3
