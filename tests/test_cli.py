@@ -85,3 +85,19 @@ def test_row_with_unknown_agent(servers, tmp_path):
     proc = run(["train", "--config", str(p), *servers.connect_overrides()])
     assert_one_clear_error(proc, "2 row(s) route to no running agent", f"agent_ref.name=no_such_agent: 1 row(s), first at {data}:2",
                            f"task_source=nowhere: 1 row(s), first at {data}:3")
+
+
+def test_launch_on_a_taken_port_is_refused(tmp_path):
+    import socket
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"responses_create_params": {"input": "hi"}, "agent_ref": {"name": "x"}}) + "\n")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        p = tmp_path / "c.yaml"
+        p.write_text(f"model: {{name_or_path: m}}\ndata: {{train: {data}}}\noutput: {{dir: {tmp_path / 'run'}}}\n"
+                     f"vllm: {{base_url: 'http://127.0.0.1:{port}', launch: {{enabled: true, venv: /nonexistent}}}}\n")
+        proc = run(["train", "--config", str(p)])
+    assert_one_clear_error(proc, f"cannot launch a server on 127.0.0.1:{port} (vllm.base_url): the port is taken")

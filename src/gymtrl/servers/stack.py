@@ -7,7 +7,9 @@ its configured URL. While training, `check()` notices at once when a launched se
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from gymtrl.config.schema import Config
 from gymtrl.errors import ServerError
@@ -16,6 +18,21 @@ from gymtrl.servers.gym import gym_command
 from gymtrl.servers.process import ManagedProcess, http_ok
 from gymtrl.servers.vllm import served_model_name, vllm_command, vllm_env
 from gymtrl.sync.vllm_control import VLLMControl
+
+
+def ensure_port_free(url: str, key: str) -> None:
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            raise ServerError(
+                f"cannot launch a server on {host}:{port} ({key}): the port is taken, perhaps by a server "
+                "left from an earlier run",
+                hint="stop that process, or choose another port in the config",
+            ) from None
 
 
 class ServerStack:
@@ -39,6 +56,12 @@ class ServerStack:
     def start(self) -> None:
         cfg = self.cfg
         vllm = gym = None
+        # A server left over from an earlier run would answer our health checks in place of the one
+        # we start (which then fails to bind): refuse to start on a port that is taken.
+        if cfg.vllm.launch.enabled:
+            ensure_port_free(cfg.vllm.base_url, "vllm.base_url")
+        if cfg.gym.launch.enabled:
+            ensure_port_free(cfg.gym.head_server_url, "gym.head_server_url")
         if cfg.vllm.launch.enabled:
             vllm = ManagedProcess("vLLM server", vllm_command(cfg, self.nccl), self.log_dir / "vllm.log",
                                   env=vllm_env(cfg))
@@ -56,7 +79,7 @@ class ServerStack:
         elif not http_ok(health, timeout_s=10.0):
             raise ServerError(
                 f"no vLLM server answers at {cfg.vllm.base_url}",
-                hint="start one (see README: 'Running the servers yourself') or set vllm.launch.enabled=true",
+                hint="start one (see README: 'Your own run') or set vllm.launch.enabled=true",
             )
         self._check_served_model()
         if gym is not None:
