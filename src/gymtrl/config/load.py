@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import MISSING, OmegaConf
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from gymtrl.config.schema import Config
@@ -228,4 +228,4 @@ def write_resolved_config(cfg: Config, out_dir: str | os.PathLike) -> Path:
     return target
 
 
-__all__ = ["load_config", "write_resolved_config", "to_yaml", "MISSING"]
+__all__ = ["load_config", "write_resolved_config", "to_yaml"]

@@ -33,12 +33,6 @@ class VLLMControl:
             raise ServerError(f"vLLM {path} answered HTTP {resp.status_code}: {resp.text[:300]}")
         return resp.json()
 
-    def healthy(self) -> bool:
-        try:
-            return self._http.get("/health", timeout=2.0).status_code == 200
-        except httpx.HTTPError:
-            return False
-
     def served_models(self) -> list[str]:
         try:
             data = self._http.get("/v1/models").json()
