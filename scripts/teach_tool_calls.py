@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Teach a tiny model the Hermes tool-call format (for multi-turn tests and demos on CPU).
 
-  python scripts/teach_tool_calls.py MODEL_DIR OUT_DIR --rows ROWS.jsonl [--steps 150]
+  python scripts/teach_tool_calls.py MODEL_DIR OUT_DIR --rows ROWS.jsonl [--rows MORE.jsonl] [--steps 150]
 
 A random model never emits a well-formed tool call, so NeMo Gym never runs a tool for it. This
 fine-tunes it briefly on each row's conversation followed by a scripted episode: the assistant calls
@@ -63,7 +63,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model_dir")
     ap.add_argument("out_dir")
-    ap.add_argument("--rows", required=True, help="NeMo Gym JSONL rows whose tools to call")
+    ap.add_argument("--rows", required=True, action="append", help="NeMo Gym JSONL rows whose tools to call (repeatable)")
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--lr", type=float, default=3e-3)
     args = ap.parse_args()
@@ -74,7 +74,7 @@ def main() -> int:
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
-    rows = [json.loads(l) for l in Path(args.rows).read_text().splitlines() if l.strip()]
+    rows = [json.loads(l) for path in args.rows for l in Path(path).read_text().splitlines() if l.strip()]
     data = [encode(tokenizer, r) for r in rows]
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     model.train()

@@ -7,6 +7,7 @@ Without them the integration tests fail loudly rather than skip: a green run mus
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -48,10 +49,34 @@ def tiny_model(tmp_path_factory, gym_site) -> Path:
     return out
 
 
-def server_config(model: Path, vllm_port: int, head_port: int, out_dir: Path, launch: bool = True):
-    """A gymtrl Config for the test servers (vLLM + workplace_assistant + digit_reply + example_multi_step)."""
+@pytest.fixture(scope="session")
+def taught_model(tiny_model, gym_site, tmp_path_factory) -> Path:
+    """The tiny model after a short SFT on the Hermes tool-call format, on the rows of both tool
+    environments (example_multi_step, workplace_assistant): it calls tools, so episodes have turns."""
+    out = tmp_path_factory.mktemp("taught") / "model"
+    subprocess.run([sys.executable, str(REPO / "scripts/teach_tool_calls.py"), str(tiny_model), str(out),
+                    "--rows", str(gym_site / "resources_servers/example_multi_step/data/example.jsonl"),
+                    "--rows", str(gym_site / "resources_servers/workplace_assistant/data/example.jsonl"),
+                    "--steps", "300"], check=True, capture_output=True)
+    return out
+
+
+GYM_CONFIGS = [
+    "responses_api_models/vllm_model/configs/vllm_model_for_training.yaml",
+    "resources_servers/workplace_assistant/configs/workplace_assistant.yaml",
+    "resources_servers/example_multi_step/configs/example_multi_step.yaml",
+    "resources_servers/digit_reply/configs/digit_reply.yaml",
+]
+
+
+def server_config(model: Path, vllm_port: int, head_port: int, out_dir: Path, launch: bool = True,
+                  prefix_correction: bool = True, vllm_args: tuple[str, ...] = (),
+                  gym_configs: list[str] = GYM_CONFIGS, policy_base_url: str | None = None):
+    """A gymtrl Config for test servers (default: vLLM + workplace_assistant + digit_reply +
+    example_multi_step). `policy_base_url` points NeMo Gym's model server elsewhere (a proxy)."""
     from gymtrl.config.load import load_config
 
+    overrides = f"{{policy_base_url: {policy_base_url}}}" if policy_base_url else "{}"
     text = f"""
 model: {{name_or_path: {model}, dtype: float32}}
 data: {{train: [unused.jsonl]}}
@@ -60,20 +85,18 @@ gym:
   launch:
     enabled: {str(launch).lower()}
     venv: {require_env('GYMTRL_GYM_VENV')}
-    config_paths:
-      - responses_api_models/vllm_model/configs/vllm_model_for_training.yaml
-      - resources_servers/workplace_assistant/configs/workplace_assistant.yaml
-      - resources_servers/example_multi_step/configs/example_multi_step.yaml
-      - resources_servers/digit_reply/configs/digit_reply.yaml
+    config_paths: {json.dumps(gym_configs)}
+    overrides: {overrides}
 vllm:
   base_url: http://127.0.0.1:{vllm_port}
   served_model_name: tiny
   dtype: float32
   max_model_len: 8192
+  prefix_correction: {str(prefix_correction).lower()}
   launch:
     enabled: {str(launch).lower()}
     venv: {require_env('GYMTRL_VLLM_VENV')}
-    extra_args: [--enforce-eager, --kv-cache-memory-bytes, "268435456"]
+    extra_args: {json.dumps(["--enforce-eager", "--kv-cache-memory-bytes", "268435456", *vllm_args])}
 output: {{dir: {out_dir}}}
 """
     path = out_dir / "servers.yaml"

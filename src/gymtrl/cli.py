@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Optional
 
@@ -28,6 +29,13 @@ def main(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks."),
 ) -> None:
     state["debug"] = debug
+    # gymtrl's own progress lines (servers started, plugin installed); other libraries keep theirs.
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("gymtrl: %(message)s"))
+    logger = logging.getLogger("gymtrl")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
 
 
 def _fail(e: GymtrlError) -> None:
@@ -57,6 +65,27 @@ def train(
         typer.secho("gymtrl: interrupted; servers stopped", err=True)
         sys.exit(130)
     typer.echo(f"gymtrl: training finished; final model in {final}")
+
+
+plugin_app = typer.Typer(no_args_is_help=True, help="gymtrl's vLLM plugin: on-policy prefix correction.")
+app.add_typer(plugin_app, name="vllm-plugin")
+
+
+@plugin_app.command("install")
+def plugin_install(
+    python: str = typer.Option(sys.executable, "--python",
+                               help="The Python of the environment vLLM runs in (default: this one)."),
+) -> None:
+    """Install the prefix-correction plugin into a vLLM environment (offline, no dependencies).
+    Serve with GYMTRL_PREFIX_CORRECTION=1 to switch it on."""
+    from gymtrl.vllm_plugin.install import ensure_installed, plugin_version
+
+    try:
+        changed = ensure_installed(python)
+    except GymtrlError as e:
+        _fail(e)
+    state_ = "installed" if changed else "is already installed"
+    typer.echo(f"gymtrl: gymtrl-vllm-plugin {plugin_version()} {state_} for {python}")
 
 
 if __name__ == "__main__":

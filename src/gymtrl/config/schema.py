@@ -69,6 +69,11 @@ class VLLMConfig:
     # Server dtype when gymtrl launches it (float32 makes trainer/server logprobs match tightly).
     dtype: str = "auto"
     max_model_len: int = 4096
+    # On-policy prefix correction for multi-turn episodes (gymtrl's vLLM plugin; README: "Multi-turn
+    # on-policy"). When gymtrl launches vLLM it installs and switches it on; a server you start
+    # yourself must run it, or the run stops at start-up. false: serve without it (episodes whose
+    # re-rendered history differs from the sampled tokens are then dropped as prefix_mismatch).
+    prefix_correction: bool = True
     launch: ProcessLaunchConfig = field(default_factory=ProcessLaunchConfig)
 
 

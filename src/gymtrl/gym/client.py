@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 
 from gymtrl.rollout.failures import FailureKind
+from gymtrl.vllm_plugin.splice import REFUSAL_MARKER
 
 
 @dataclass
@@ -83,6 +84,11 @@ class AgentClient:
             except httpx.TimeoutException as e:
                 return None, FailureKind.TIMEOUT, f"{type(e).__name__}: {e}"
             else:
+                if resp.status_code >= 400 and REFUSAL_MARKER in resp.text:
+                    # Deterministic for this history: not retried. The reason follows the marker,
+                    # inside error messages that Gym's servers nest (and escape) several times.
+                    reason = resp.text[resp.text.index(REFUSAL_MARKER):].split("\\")[0].split('"')[0]
+                    return None, FailureKind.PREFIX_CORRECTION_REFUSED, reason[:300]
                 if resp.status_code >= 500:
                     failure, retryable = FailureKind.HTTP_ERROR, True
                     detail = f"HTTP {resp.status_code}: {resp.text[:300]}"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from gymtrl.gym.client import AgentClient, RunResult, parse_reward, response_output
 from gymtrl.gym.discovery import GymTopology
 from gymtrl.rollout.failures import FailureKind, FailureLedger
-from gymtrl.rollout.trajectory import StitchError, Trajectory, stitch
+from gymtrl.rollout.trajectory import StitchError, Trajectory, stitch, token_items
 
 
 @dataclass
@@ -26,6 +26,7 @@ class RolloutOutcome:
     detail: str
     latency_s: float
     reply: dict | None
+    model_calls: int = 0  # model calls that reported token ids (2+: a multi-turn episode)
 
 
 @dataclass
@@ -60,6 +61,10 @@ def outcome_from_result(env: str, result: RunResult) -> RolloutOutcome:
         return RolloutOutcome(env, None, None, result.failure or FailureKind.INVALID_REPLY, result.detail,
                               result.latency_s, None)
     reply = result.reply
+    try:
+        calls = len(token_items(response_output(reply)))
+    except StitchError:
+        calls = 0
     reward, failure, detail = parse_reward(reply)
     if failure is None:
         try:
@@ -67,8 +72,8 @@ def outcome_from_result(env: str, result: RunResult) -> RolloutOutcome:
         except StitchError as e:
             failure, detail = e.kind, e.detail
         else:
-            return RolloutOutcome(env, reward, trajectory, None, "", result.latency_s, reply)
-    return RolloutOutcome(env, None, None, failure, detail, result.latency_s, reply)
+            return RolloutOutcome(env, reward, trajectory, None, "", result.latency_s, reply, calls)
+    return RolloutOutcome(env, None, None, failure, detail, result.latency_s, reply, calls)
 
 
 class RolloutEngine:

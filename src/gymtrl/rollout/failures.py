@@ -20,6 +20,8 @@ class FailureKind(str, enum.Enum):
     MISSING_TOKEN_IDS = "missing_token_ids"  # no token ids (model server not in training mode)
     MALFORMED_TOKEN_IDS = "malformed_token_ids"  # ids/logprobs of the wrong type or length
     PREFIX_MISMATCH = "prefix_mismatch"  # a later turn's prompt does not extend the history
+    # gymtrl's vLLM plugin could not join a turn's history ids safely and said so (vllm_plugin/splice.py)
+    PREFIX_CORRECTION_REFUSED = "prefix_correction_refused"
 
 
 @dataclass

@@ -19,6 +19,7 @@ from statistics import mean
 
 from gymtrl.errors import WeightSyncError
 from gymtrl.rollout.engine import RolloutEngine, RolloutOutcome
+from gymtrl.rollout.failures import FailureKind
 from gymtrl.sync.strategies import WeightSync
 from gymtrl.sync.verify import SyncVerifier
 
@@ -109,13 +110,30 @@ def batch_metrics(outcomes: list[RolloutOutcome]) -> dict[str, float]:
         "rollout/model_tokens": float(sum(o.trajectory.num_model_tokens for o in ok)),
         "rollout/turns_mean": mean(o.trajectory.num_turns for o in ok) if ok else 0.0,
     }
+    m.update(prefix_mismatch_metrics("rollout", outcomes))
     for env, items in by_env.items():
         good = [o for o in items if o.trajectory is not None]
         m[f"env/{env}/failure_rate"] = 1 - len(good) / len(items)
+        m.update(prefix_mismatch_metrics(f"env/{env}", items))
         if good:
             m[f"env/{env}/reward"] = mean(o.reward for o in good)  # type: ignore[misc]
             m[f"env/{env}/turns"] = mean(o.trajectory.num_turns for o in good)  # type: ignore[union-attr]
     return m
+
+
+def prefix_mismatch_metrics(prefix: str, outcomes: list[RolloutOutcome]) -> dict[str, float]:
+    """Multi-turn health: episodes with 2+ model calls, and the share of them whose history could
+    not be stitched on-policy (prefix_mismatch) or that the server's prefix correction refused."""
+    multi = [o for o in outcomes if o.model_calls >= 2]
+    refused = sum(o.failure is FailureKind.PREFIX_CORRECTION_REFUSED for o in outcomes)
+    mismatched = sum(o.failure is FailureKind.PREFIX_MISMATCH for o in multi)
+    # A refused episode never returns its token ids, so it counts as multi-turn by definition.
+    attempts = len(multi) + refused
+    return {
+        f"{prefix}/multi_turn_episodes": float(attempts),
+        f"{prefix}/prefix_mismatch_rate": mismatched / attempts if attempts else 0.0,
+        f"{prefix}/prefix_correction_refused_rate": refused / attempts if attempts else 0.0,
+    }
 
 
 def make_env_reward(rollout_func: GymRolloutFunc):

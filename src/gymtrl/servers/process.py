@@ -28,7 +28,9 @@ def tail(path: Path, lines: int = 20) -> str:
 
 def _own_group_and_die_with_parent() -> None:
     """Run in the child before exec: its own process group (stop() signals the whole tree), and
-    SIGTERM from the kernel if gymtrl itself dies, even by SIGKILL, so no server is left behind."""
+    SIGTERM from the kernel if gymtrl itself dies, even by SIGKILL, so no server is left behind.
+    The kernel ties this to the *thread* that started the child: start servers from a thread that
+    lives as long as they should (gymtrl starts them from the main thread)."""
     import ctypes
 
     os.setsid()

@@ -7,6 +7,7 @@ its configured URL. While training, `check()` notices at once when a launched se
 
 from __future__ import annotations
 
+import logging
 import socket
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -16,8 +17,12 @@ from gymtrl.errors import ServerError
 from gymtrl.gym.discovery import wait_ready
 from gymtrl.servers.gym import gym_command
 from gymtrl.servers.process import ManagedProcess, http_ok
-from gymtrl.servers.vllm import served_model_name, vllm_command, vllm_env
+from gymtrl.servers.vllm import served_model_name, vllm_command, vllm_env, vllm_python
 from gymtrl.sync.vllm_control import VLLMControl
+from gymtrl.vllm_plugin.install import ensure_installed
+from gymtrl.vllm_plugin.plugin import ENV_SWITCH
+
+log = logging.getLogger(__name__)
 
 
 def ensure_port_free(url: str, key: str) -> None:
@@ -62,6 +67,9 @@ class ServerStack:
             ensure_port_free(cfg.vllm.base_url, "vllm.base_url")
         if cfg.gym.launch.enabled:
             ensure_port_free(cfg.gym.head_server_url, "gym.head_server_url")
+        if cfg.vllm.launch.enabled and cfg.vllm.prefix_correction and vllm_python(cfg):
+            if ensure_installed(vllm_python(cfg)):
+                log.info("installed gymtrl's prefix-correction plugin into %s", cfg.vllm.launch.venv)
         if cfg.vllm.launch.enabled:
             vllm = ManagedProcess("vLLM server", vllm_command(cfg, self.nccl), self.log_dir / "vllm.log",
                                   env=vllm_env(cfg))
@@ -82,6 +90,7 @@ class ServerStack:
                 hint="start one (see README: 'Your own run') or set vllm.launch.enabled=true",
             )
         self._check_served_model()
+        self._check_prefix_correction()
         if gym is not None:
             wait_ready(cfg.gym.head_server_url, cfg.gym.launch.startup_timeout_s,
                        is_alive=lambda: gym.alive() or bool(gym.check()))
@@ -100,6 +109,22 @@ class ServerStack:
                 f"the vLLM server at {self.cfg.vllm.base_url} serves {served}, not '{want}'",
                 hint="set vllm.served_model_name to the name the server uses (NeMo Gym's policy_model_name)",
             )
+
+    def _check_prefix_correction(self) -> None:
+        vllm = self.cfg.vllm
+        control = VLLMControl(vllm.base_url, vllm.request_timeout_s, vllm.api_key_env)
+        try:
+            active = control.prefix_correction_active(served_model_name(self.cfg))
+        finally:
+            control.close()
+        if vllm.prefix_correction and not active:
+            raise ServerError(
+                f"the vLLM server at {vllm.base_url} does not run gymtrl's prefix correction "
+                "(vllm.prefix_correction is true)",
+                hint=f"install it with `gymtrl vllm-plugin install --python <vLLM's python>` and start vLLM with "
+                f"{ENV_SWITCH}=1, or set vllm.prefix_correction=false to train without it",
+            )
+        log.info("vLLM prefix correction: %s", "on" if active else "off")
 
     def check(self) -> None:
         for p in self.processes:

@@ -7,6 +7,7 @@ from urllib.parse import urlsplit
 
 from gymtrl.config.schema import Config
 from gymtrl.errors import ConfigError
+from gymtrl.vllm_plugin.plugin import ENV_SWITCH
 
 
 def served_model_name(cfg: Config) -> str:
@@ -38,4 +39,13 @@ def vllm_command(cfg: Config, nccl: bool) -> list[str]:
 
 def vllm_env(cfg: Config) -> dict[str, str]:
     # Dev mode exposes /collective_rpc (reload_weights), /reset_prefix_cache and the NCCL endpoints.
-    return {"VLLM_SERVER_DEV_MODE": "1", **cfg.vllm.launch.env}
+    env = {"VLLM_SERVER_DEV_MODE": "1"}
+    if cfg.vllm.prefix_correction:
+        env[ENV_SWITCH] = "1"  # switches gymtrl's vLLM plugin on (gymtrl.vllm_plugin)
+    return {**env, **cfg.vllm.launch.env}
+
+
+def vllm_python(cfg: Config) -> str | None:
+    """The Python of the venv gymtrl launches vLLM from (None with a custom launch command)."""
+    launch = cfg.vllm.launch
+    return None if launch.command or not launch.venv else str(Path(launch.venv).expanduser() / "bin" / "python")

@@ -40,6 +40,27 @@ class VLLMControl:
             raise ServerError(f"cannot list models of vLLM server {self.base_url}: {e}") from None
         return [m.get("id") for m in data.get("data", [])]
 
+    def prefix_correction_active(self, model_name: str) -> bool:
+        """Whether the server runs gymtrl's prefix correction, asked by behaviour: a chat /tokenize
+        whose assistant messages carry token ids that contradict each other must be refused by the
+        plugin (its marker in an HTTP 400), while stock vLLM ignores the ids and tokenizes."""
+        from gymtrl.vllm_plugin.splice import REFUSAL_MARKER
+
+        def turn(ids: list[int]) -> dict:
+            return {"role": "assistant", "content": "ok", "prompt_token_ids": ids[:1], "generation_token_ids": ids[1:]}
+
+        user = {"role": "user", "content": "probe"}
+        body = {"model": model_name, "messages": [user, turn([1, 2]), user, turn([3, 4]), user]}
+        try:
+            resp = self._http.post("/tokenize", json=body)
+        except httpx.HTTPError as e:
+            raise ServerError(f"vLLM server {self.base_url}/tokenize unreachable: {type(e).__name__}: {e}") from None
+        if resp.status_code == 200:
+            return False
+        if REFUSAL_MARKER in resp.text:
+            return True
+        raise ServerError(f"vLLM /tokenize answered HTTP {resp.status_code}: {resp.text[:300]}")
+
     def reload_weights(self, weights_dir: str) -> None:
         out = self._post("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": weights_dir}})
         if "results" not in out:
