@@ -101,3 +101,22 @@ def test_launch_on_a_taken_port_is_refused(tmp_path):
                      f"vllm: {{base_url: 'http://127.0.0.1:{port}', launch: {{enabled: true, venv: /nonexistent}}}}\n")
         proc = run(["train", "--config", str(p)])
     assert_one_clear_error(proc, f"cannot launch a server on 127.0.0.1:{port} (vllm.base_url): the port is taken")
+
+
+def test_vllm_plugin_install_into_a_fresh_environment(tmp_path):
+    """`gymtrl vllm-plugin install` puts the plugin, with its vLLM entry point, into another Python
+    environment (offline), replaces nothing when it is current, and says so."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    first = run(["vllm-plugin", "install", "--python", python])
+    assert first.returncode == 0 and " installed for " in first.stdout, first.stderr
+    again = run(["vllm-plugin", "install", "--python", python])
+    assert again.returncode == 0 and "is already installed" in again.stdout
+    probe = subprocess.run([python, "-c", (
+        "import importlib.metadata as m; "
+        "print([e.value for e in m.entry_points(group='vllm.general_plugins')]); "
+        "import gymtrl_vllm_plugin.plugin as p; print(p.ENV_SWITCH)")], capture_output=True, text=True)
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.split("\n")[:2] == ["['gymtrl_vllm_plugin.plugin:register']", "GYMTRL_PREFIX_CORRECTION"]
+    assert_one_clear_error(run(["vllm-plugin", "install", "--python", str(tmp_path / "nope")]), "does not exist")
