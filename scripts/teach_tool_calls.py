@@ -66,6 +66,9 @@ def main() -> int:
     ap.add_argument("--rows", required=True, action="append", help="NeMo Gym JSONL rows whose tools to call (repeatable)")
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda for the larger shapes")
+    ap.add_argument("--target-loss", type=float, default=None,
+                    help="stop early once the mean loss of the last 20 steps is below this")
     args = ap.parse_args()
 
     import torch
@@ -73,26 +76,31 @@ def main() -> int:
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).to(args.device)
     rows = [json.loads(l) for path in args.rows for l in Path(path).read_text().splitlines() if l.strip()]
     data = [encode(tokenizer, r) for r in rows]
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     model.train()
+    recent: list[float] = []
     for step in range(args.steps):
         ids, mask = data[step % len(data)]
-        x = torch.tensor([ids])
+        x = torch.tensor([ids], device=args.device)
         logits = model(input_ids=x).logits[0, :-1]
         target = x[0, 1:]
-        m = torch.tensor(mask[1:], dtype=torch.float32)
+        m = torch.tensor(mask[1:], dtype=torch.float32, device=args.device)
         loss = (torch.nn.functional.cross_entropy(logits, target, reduction="none") * m).sum() / m.sum()
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if step % 25 == 0 or step == args.steps - 1:
+        recent = (recent + [loss.item()])[-20:]
+        done = args.target_loss is not None and len(recent) == 20 and sum(recent) / 20 < args.target_loss
+        if step % 25 == 0 or step == args.steps - 1 or done:
             print(f"step {step} loss {loss.item():.4f}", flush=True)
+        if done:
+            break
     out = Path(args.out_dir)
     shutil.rmtree(out, ignore_errors=True)
-    model.save_pretrained(out, safe_serialization=True)
+    model.to("cpu").save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return 0
 
