@@ -11,7 +11,8 @@
 # tool-call format on the GPU for a few hundred steps, so that its episodes have several turns.
 set -uo pipefail
 out=${OUT:-/tmp/out}; mkdir -p "$out"
-bash .gpu-bundle/p2/install.sh --need-all > "$out/install.log" 2>&1 || { tail -5 "$out/install.log"; exit 3; }
+inst=$(ls .gpu-bundle/p*/install.sh | tail -1)  # any carried part can finish the install
+bash "$inst" --need-all > "$out/install.log" 2>&1 || { tail -5 "$out/install.log"; exit 3; }
 . /tmp/site/env.sh
 python3 -m pip install -q --no-deps --no-index --target /tmp/extra .gpu-extra/*.whl > /dev/null 2>&1
 export PYTHONPATH="$PWD/src:$PYTHONPATH:/tmp/extra"   # the bundle's versions win over the extras
@@ -34,7 +35,15 @@ rows=.bench-data/rows
   --steps "${TEACH_STEPS:-800}" --lr "${TEACH_LR:-5e-4}" --target-loss 0.02 > "$out/teach.log" 2>&1 || { tail -20 "$out/teach.log"; exit 4; }
 echo "model + teaching: $(( $(date +%s) - t0 )) s"; grep '^step' "$out/teach.log" | tail -3
 
-python3 bench/prefix_correction.py --model /tmp/taught --vllm-venv /tmp/vllm-venv --gym-venv /tmp/gym-venv \
+# TEMPLATE=reordered: serve a chat template that re-renders tool calls in another key order than
+# the model writes them (tests/chat_templates.py), which makes every tool turn's history mismatch.
+template_args=()
+if [ "${TEMPLATE:-model}" = reordered ]; then
+  python3 -c 'import sys; sys.path.insert(0, "tests"); from pathlib import Path; from chat_templates import write_reordered_template as w; w(Path("/tmp/taught"), Path("/tmp/reordered.jinja"))'
+  template_args=(--vllm-arg=--chat-template --vllm-arg=/tmp/reordered.jinja
+                 --template-label "tool calls re-rendered in another key order (tests/chat_templates.py)")
+fi
+python3 bench/prefix_correction.py --model /tmp/taught "${template_args[@]}" --vllm-venv /tmp/vllm-venv --gym-venv /tmp/gym-venv \
   --gym-env PYTHONPATH "$GYM_PYTHONPATH" --rows-dir $rows --episodes-per-row "${EPISODES_PER_ROW:-16}" \
   --dtype bfloat16 --device-label "$(head -1 "$out/gpu.txt")" --out "$out/prefix_correction.md" \
   --vllm-arg=--gpu-memory-utilization --vllm-arg=0.3 --vllm-arg=--enforce-eager 2>&1 | tail -40

@@ -11,6 +11,7 @@ share that failed the prefix check. Then it times chat `/tokenize` on both serve
 same later-turn requests (taken from the corrected episodes): the plugin's cost per request.
 The model must call tools (scripts/teach_tool_calls.py), or no episode has a second turn.
 Writes a Markdown table to --out (default bench/results/prefix_correction.md) and prints it.
+On the GPU machine: bench/device_prefix_correction.sh.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def stack_config(args, correction: bool, out: Path):
                            "config_paths": ["responses_api_models/vllm_model/configs/vllm_model_for_training.yaml",
                                             *(f"resources_servers/{e}/configs/{e}.yaml" for e in ENVS.values())]}},
         "vllm": {"base_url": f"http://127.0.0.1:{free_port()}", "served_model_name": "policy",
-                 "dtype": args.dtype, "max_model_len": 8192, "prefix_correction": correction,
+                 "dtype": args.dtype, "max_model_len": args.max_model_len, "prefix_correction": correction,
                  "launch": {"enabled": True, "venv": args.vllm_venv, "extra_args": args.vllm_arg}},
         "output": {"dir": str(out)},
     }))
@@ -115,6 +116,9 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--requests", type=int, default=200, help="/tokenize requests timed per server")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--max-model-len", type=int, default=16384)
+    ap.add_argument("--template-label", default="the model's own chat template",
+                    help="how to describe the chat template the servers use (pass it with --vllm-arg)")
     ap.add_argument("--vllm-arg", action="append", default=[])
     ap.add_argument("--work", type=Path, default=Path("/tmp/gymtrl-bench-prefix"))
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("results") / "prefix_correction.md")
@@ -155,7 +159,8 @@ def main() -> int:
     lines = [f"# Prefix correction: mismatch rate and cost ({datetime.date.today()})", "",
              f"device: {args.device_label or platform.node()}; model: {args.model.name} ({args.dtype}); "
              f"{len(rows)} episodes per server ({args.episodes_per_row} per row), sampling temperature 1.0, "
-             f"max {args.max_tokens} tokens per call, concurrency {args.concurrency}; versions: {versions(args)}", "",
+             f"max {args.max_tokens} tokens per call, concurrency {args.concurrency}; chat template: "
+             f"{args.template_label}; versions: {versions(args)}", "",
              "| environment | correction | multi-turn episodes | prefix mismatches | refused | other failures |",
              "|---|---|---|---|---|---|"]
     for agent in ENVS:

@@ -79,13 +79,17 @@ def main() -> int:
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).to(args.device)
     rows = [json.loads(l) for path in args.rows for l in Path(path).read_text().splitlines() if l.strip()]
     data = [encode(tokenizer, r) for r in rows]
+    print(f"{len(data)} episodes, longest {max(len(ids) for ids, _ in data)} tokens", flush=True)
+    if args.device != "cpu":  # long tool prompts: bf16 attention kernels and recomputed activations
+        model.gradient_checkpointing_enable()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     model.train()
     recent: list[float] = []
     for step in range(args.steps):
         ids, mask = data[step % len(data)]
         x = torch.tensor([ids], device=args.device)
-        logits = model(input_ids=x).logits[0, :-1]
+        with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.device != "cpu"):
+            logits = model(input_ids=x).logits[0, :-1].float()
         target = x[0, 1:]
         m = torch.tensor(mask[1:], dtype=torch.float32, device=args.device)
         loss = (torch.nn.functional.cross_entropy(logits, target, reduction="none") * m).sum() / m.sum()

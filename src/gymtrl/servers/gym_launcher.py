@@ -119,8 +119,14 @@ def main() -> int:
 
     from omegaconf import OmegaConf
 
-    from nemo_gym.cli.env import _resolve_server_dir
+    from nemo_gym import _resolve_under_cwd_or_install
     from nemo_gym.server_utils import HeadServer
+
+    def _resolve_server_dir(rel_path: Path) -> Path:
+        # NeMo Gym's rule (nemo_gym.cli.env._resolve_server_dir), without importing its CLI module,
+        # whose extra dependencies (devtools, ...) a pruned server-only install lacks.
+        return _resolve_under_cwd_or_install(
+            rel_path, validator=lambda d: (d / "requirements.txt").exists() or (d / "pyproject.toml").exists())
 
     config = resolve_config(args)
     # Environment-server relays (legacy_agent) need Ray; agents are called directly instead.
