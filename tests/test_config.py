@@ -103,3 +103,25 @@ def test_readme_config_reference_lists_every_key():
     missing = [p + n for p, n in keys(Config) if f"`{p}{n}`" not in readme and f".{n}`" not in readme
                and f"`{p}{n}" not in readme and p + n != "grpo"]
     assert not missing, f"README config reference lacks: {missing}"
+
+
+def test_yaml_boolean_words_mean_what_the_field_needs(tmp_path):
+    """YAML 1.1 reads `no` as False: `save_strategy: no` must still mean the word, and a boolean
+    field must still take `no` as False, in the file and on the command line alike."""
+    p = write(tmp_path, GOOD.replace("  max_steps: 3\n", "  max_steps: 3\n  save_strategy: no\n  bf16: 'no'\n"))
+    cfg = load_config(p)
+    assert cfg.grpo["save_strategy"] == "no" and cfg.grpo["bf16"] is False
+    cfg = load_config(p, ["grpo.eval_strategy=no", "grpo.save_strategy=steps", "grpo.bf16=yes", "logging.wandb=yes"])
+    assert cfg.grpo["eval_strategy"] == "no" and cfg.grpo["save_strategy"] == "steps"
+    assert cfg.grpo["bf16"] is True and cfg.logging.wandb is True
+
+
+@pytest.mark.parametrize("name", ["workplace_assistant", "reasoning_gym", "mcqa", "math_with_judge", "all_four"])
+def test_shipped_environment_configs_are_valid(monkeypatch, name):
+    from conftest import REPO
+
+    monkeypatch.setenv("GYMTRL_GYM_SITE", "/gym-site")
+    cfg = load_config(REPO / f"configs/envs/{name}.yaml")
+    paths = [s.path for s in cfg.data.train]
+    assert paths and all(p.startswith("/gym-site/resources_servers/") for p in paths)
+    assert cfg.gym.launch.enabled and cfg.vllm.launch.enabled and cfg.vllm.prefix_correction

@@ -129,12 +129,18 @@ def _read_yaml(path: Path) -> tuple[dict, str]:
     return data, text
 
 
+# YAML 1.1 reads these words as booleans; on the command line they stay words (save_strategy=no),
+# and typed boolean keys still accept them (OmegaConf and _normalise_grpo convert).
+YAML11_BOOL_WORDS = {"yes", "no", "on", "off", "y", "n"}
+
+
 def _parse_overrides(overrides: list[str]) -> dict:
     dotlist = []
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"override '{item}' is not of the form key=value (for example grpo.max_steps=10)")
-        dotlist.append(item)
+        key, value = item.split("=", 1)
+        dotlist.append(f"{key}='{value}'" if value.lower() in YAML11_BOOL_WORDS else item)
     try:
         return OmegaConf.to_container(OmegaConf.from_dotlist(dotlist), resolve=False)  # type: ignore[return-value]
     except OmegaConfBaseException as e:
@@ -194,8 +200,26 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
             hint="set them in the file or on the command line, e.g. model.name_or_path=Qwen/Qwen2.5-0.5B-Instruct",
         )
     cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    cfg.grpo = _normalise_grpo(cfg.grpo)
     _check_values(cfg, str(path))
     return cfg
+
+
+def _normalise_grpo(grpo: dict) -> dict:
+    """YAML 1.1 booleans against GRPOConfig's field types: `save_strategy: no` reads as False, which
+    TRL rejects (it means the word "no"); `bf16: "no"` means False."""
+    from trl import GRPOConfig
+
+    types = {f.name: str(f.type) for f in dataclasses.fields(GRPOConfig)}
+    out = dict(grpo)
+    for key, value in grpo.items():
+        kind = types.get(key, "")
+        takes_bool = "bool" in kind
+        if value is False and not takes_bool:
+            out[key] = "no"
+        elif isinstance(value, str) and takes_bool and "str" not in kind and value.lower() in YAML11_BOOL_WORDS | {"true", "false"}:
+            out[key] = value.lower() in ("yes", "on", "y", "true")
+    return out
 
 
 def _check_values(cfg: Config, source: str) -> None:

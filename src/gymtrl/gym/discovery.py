@@ -34,6 +34,14 @@ class GymTopology:
     resources_to_agents: dict[str, list[str]] = field(default_factory=dict)
     # dataset pins: declaring instance -> pinned agent (a dataset's `agent:` key)
     pins: dict[str, str] = field(default_factory=dict)
+    resources: dict[str, str] = field(default_factory=dict)  # resources server instance -> base URL
+
+    def resources_url_of(self, agent: str) -> str | None:
+        """The URL of the resources server (verifier) an agent instance uses."""
+        for name, agents in self.resources_to_agents.items():
+            if agent in agents and name in self.resources:
+                return self.resources[name]
+        return None
 
     def agent_for_task_source(self, source: str) -> str | None:
         if source in self.pins:
@@ -77,6 +85,7 @@ def topology_from_config(config: dict, head_host: str | None = None) -> GymTopol
     agents: dict[str, str] = {}
     resources_to_agents: dict[str, list[str]] = {}
     pins: dict[str, str] = {}
+    resources: dict[str, str] = {}
     for name, instance in config.items():
         for server_type in (AGENT_TYPE, RESOURCES_TYPE):
             block = _implementation_block(instance, server_type)
@@ -86,18 +95,19 @@ def topology_from_config(config: dict, head_host: str | None = None) -> GymTopol
                 if isinstance(ds, dict) and ds.get("agent"):
                     agent = ds["agent"]
                     pins[name] = agent.get("name") if isinstance(agent, dict) else str(agent)
-            if server_type != AGENT_TYPE:
-                continue
             host, port = block.get("host"), block.get("port")
             if host is None or port is None:
                 continue
             if head_host and str(host) in LOOPBACK:
                 host = head_host
+            if server_type != AGENT_TYPE:
+                resources[name] = f"http://{host}:{port}"
+                continue
             agents[name] = f"http://{host}:{port}"
             res = block.get("resources_server")
             if isinstance(res, dict) and res.get("name"):
                 resources_to_agents.setdefault(str(res["name"]), []).append(name)
-    return GymTopology(agents, resources_to_agents, pins)
+    return GymTopology(agents, resources_to_agents, pins, resources)
 
 
 def fetch_global_config(head_url: str, timeout_s: float = 10.0) -> dict:

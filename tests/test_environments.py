@@ -1,0 +1,100 @@
+"""NeMo Gym's four reference environments (workplace_assistant, reasoning_gym, mcqa,
+math_with_judge) on the real NeMo Gym 0.7.0 servers, through gymtrl's client and `gymtrl train`.
+
+A reward path that always yields 0 (or always 1) would pass a test that only checks that rewards
+arrive, so each environment's verifier is also asked directly, through gymtrl's verify client, to
+score a right answer built from the row's ground truth and a wrong one: the right one must get the
+top score and the wrong one must not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from gymtrl.gym.discovery import discover
+from gymtrl.gym.verify import function_calls, message, verify
+from gymtrl.metrics import read_metrics
+from gymtrl.rollout.engine import RolloutEngine, SamplingParams
+from gymtrl.rollout.failures import FailureBound, FailureLedger
+
+pytestmark = pytest.mark.servers
+ENVS = ["workplace_assistant", "reasoning_gym", "mcqa", "math_with_judge"]
+# Fields only each environment's own verifier puts in its reply: the reward came from it.
+VERIFIER_FIELDS = {"workplace_assistant": set(), "reasoning_gym": {"task_name", "score", "extracted_answer"},
+                   "mcqa": {"extracted_answer", "expected_answer"}, "math_with_judge": {"library_reward", "extracted_answer"}}
+
+
+def example_rows(gym_site, env):
+    lines = (gym_site / f"resources_servers/{env}/data/example.jsonl").read_text().splitlines()
+    return [{**json.loads(line), "agent_ref": {"name": f"{env}_simple_agent"}} for line in lines if line.strip()]
+
+
+def right_and_wrong(env, row):
+    """Output items answering `row` correctly, from its ground truth, and wrongly."""
+    if env == "workplace_assistant":
+        return function_calls(row["ground_truth"]), message("I have done what you asked.")
+    if env == "mcqa":
+        letters = [next(iter(option)) for option in row["options"]]
+        wrong = next(letter for letter in letters if letter != row["expected_answer"])
+        return message(f"\\boxed{{{row['expected_answer']}}}"), message(f"\\boxed{{{wrong}}}")
+    if env == "math_with_judge":
+        return message(f"The answer is \\boxed{{{row['expected_answer']}}}."), message("The answer is \\boxed{-12345}.")
+    if env == "reasoning_gym":
+        return message(f"<answer>{row['answer']}</answer>"), message("<answer>I cannot tell.</answer>")
+    raise ValueError(env)
+
+
+@pytest.mark.parametrize("env", ENVS)
+def test_the_verifier_tells_a_right_answer_from_a_wrong_one(servers, gym_site, env):
+    topo = discover(servers.head_url)
+    url = topo.resources_url_of(f"{env}_simple_agent")
+    assert url, topo.resources
+    rows = [r for r in example_rows(gym_site, env) if env != "workplace_assistant" or r["ground_truth"]][:3]
+    for row in rows:
+        right, wrong = right_and_wrong(env, row)
+        good, bad = verify(url, row, right), verify(url, row, wrong)
+        assert good["reward"] == 1.0, good
+        assert bad["reward"] < 1.0, bad
+        assert VERIFIER_FIELDS[env] <= set(good), sorted(good)
+
+
+@pytest.mark.parametrize("env", ENVS)
+def test_rollouts_complete_and_are_scored_by_the_environment(servers, gym_site, env):
+    """The tiny random model's answers are wrong, but every episode must come back whole, with
+    token ids, and a reward from the environment's own verifier."""
+    rows = example_rows(gym_site, env)
+    engine = RolloutEngine(discover(servers.head_url), SamplingParams(1.0, 1.0, 24),
+                           FailureLedger(FailureBound(1.0, 100, 1)), 8, 180.0, 0, 0.1)
+    try:
+        outcomes = engine.run(rows)
+    finally:
+        engine.close()
+    assert [(o.failure, o.detail) for o in outcomes if o.failure] == []
+    for o in outcomes:
+        assert o.env == f"{env}_simple_agent" and 0.0 <= o.reward <= 1.0
+        assert VERIFIER_FIELDS[env] <= set(o.reply), sorted(o.reply)
+        assert o.trajectory.num_model_tokens > 0
+
+
+def test_all_four_train_together_from_the_shipped_config(servers, tmp_path):
+    """`gymtrl train --config configs/envs/all_four.yaml`, pointed at the session's servers (and the
+    tiny model) by overrides only: every environment's rows are trained on, and logged apart."""
+    overrides = [*servers.connect_overrides(), "model.dtype=float32", "vllm.launch.enabled=false",
+                 # One step over all 19 example rows (4 + 5 + 5 + 5), two completions each.
+                 "gym.launch.enabled=false", "grpo.max_steps=1", "grpo.per_device_train_batch_size=38",
+                 "grpo.num_generations=2", "grpo.max_completion_length=16", "grpo.save_strategy=no",
+                 "grpo.learning_rate=1e-5", f"output.dir={tmp_path / 'run'}"]
+    proc = subprocess.run([sys.executable, "-m", "gymtrl.cli", "train", "--config",
+                           str(REPO / "configs/envs/all_four.yaml"), *overrides],
+                          capture_output=True, text=True, timeout=900, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = [m for m in read_metrics(tmp_path / "run/metrics.jsonl") if "reward" in m]
+    assert len(steps) == 1 and steps[0]["failures/total"] == 0
+    seen = {key.split("/")[1] for m in steps for key in m if key.startswith("env/") and key.endswith("/reward")}
+    assert seen == {f"{env}_simple_agent" for env in ENVS}
