@@ -62,6 +62,9 @@ class FaultInjectingAgentServer:
                     return self._send(200, json.dumps(reply))
                 if fault == "masked":
                     return self._send(200, json.dumps({**good_reply(), "mask_sample": True, "failure_reason": "sandbox died"}))
+                if fault == "judgedown":  # what NeMo Gym's judge_failsafe returns when the judge is down
+                    return self._send(200, json.dumps({**good_reply(0.0), "mask_sample": True,
+                                                       "failure_kind": "judge_failed", "failure_reason": "judge unreachable"}))
                 if fault == "mismatch":
                     return self._send(200, json.dumps(good_reply(output=MISMATCH_OUTPUT)))
                 if fault == "notokens":

@@ -13,11 +13,11 @@ from gymtrl.rollout.engine import RolloutEngine, SamplingParams
 from gymtrl.rollout.failures import FailureBound, FailureKind, FailureLedger
 from gymtrl.rollout.rollout_func import to_trl_batch
 
-FAULTS = ["setcookie", "ok", "http500", "flaky500", "hang", "notjson", "truncated", "noreward", "masked", "mismatch", "notokens"]
+FAULTS = ["setcookie", "ok", "http500", "flaky500", "hang", "notjson", "truncated", "noreward", "masked", "judgedown", "mismatch", "notokens"]
 EXPECTED = {
     "setcookie": None, "ok": None, "flaky500": None, "http500": FailureKind.HTTP_ERROR, "hang": FailureKind.TIMEOUT,
     "notjson": FailureKind.INVALID_REPLY, "truncated": FailureKind.INVALID_REPLY,
-    "noreward": FailureKind.MISSING_REWARD, "masked": FailureKind.MASK_SAMPLE,
+    "noreward": FailureKind.MISSING_REWARD, "masked": FailureKind.MASK_SAMPLE, "judgedown": FailureKind.JUDGE_FAILED,
     "mismatch": FailureKind.PREFIX_MISMATCH, "notokens": FailureKind.MISSING_TOKEN_IDS,
 }
 
@@ -65,13 +65,17 @@ def test_failed_rollouts_become_masked_placeholders_and_the_bound_stops(agents):
     ledger = FailureLedger(FailureBound(max_rate=0.5, window=8, min_rollouts=4))
     engine = make_engine(agents, ledger)
     try:
-        outcomes = engine.run([row(f) for f in ["ok", "ok", "masked", "noreward"]])
-        out = to_trl_batch(outcomes, placeholder=0)
+        rows = [row(f) for f in ["ok", "ok", "masked", "noreward"]]
+        outcomes = engine.run(rows)
+        out = to_trl_batch(outcomes, placeholder=0, rows=rows)
         assert out["env_reward"] == [1.0, 1.0, None, None]
         assert out["env_mask"][0] == [1, 1] and out["env_mask"][2] == [0] and out["env_mask"][3] == [0]
         assert out["completion_ids"][0] == [4, 5] and out["logprobs"][0] == [-0.1, -0.2]
         assert out["rollout_failure"] == ["", "", "mask_sample", "missing_reward"]
         assert out["gym_env"] == ["ok", "ok", "masked", "noreward"]
+        # Reward functions see each sample's row and the verifier's reply (without the episode).
+        assert out["row"] == rows
+        assert out["verifier"][0] == {"reward": 1.0, "mask_sample": False} and out["verifier"][2]["mask_sample"] is True
         ledger.check_bound()  # below the bound: training goes on
         # A dead environment: every rollout fails; the bound turns it into a stop naming it.
         engine.run([row("http500") for _ in range(4)])

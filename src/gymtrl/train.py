@@ -35,6 +35,7 @@ def build_grpo_config(cfg: Config, strategy: str, cuda: bool):
         kwargs["model_init_kwargs"] = {"dtype": cfg.model.dtype}
     kwargs.update(cfg.grpo)
     kwargs["output_dir"] = str(out_dir / "checkpoints")
+    kwargs["reward_weights"] = [cfg.rewards.env_weight] + [f.weight for f in cfg.rewards.functions]
     if strategy == "nccl":
         kwargs.update(use_vllm=True, vllm_mode="server", vllm_server_base_url=cfg.vllm.base_url)
     else:
@@ -62,6 +63,7 @@ def train(cfg: Config, resume: str | None = None) -> Path:
     from gymtrl.data.rows import build_split
     from gymtrl.gym.discovery import check_routes, discover
     from gymtrl.metrics import MetricsJsonlWriter
+    from gymtrl.rewards import build_reward_functions
     from gymtrl.rollout.engine import RolloutEngine, SamplingParams
     from gymtrl.rollout.failures import FailureBound, FailureLedger
     from gymtrl.rollout.rollout_func import GymRolloutFunc, make_env_reward
@@ -82,6 +84,7 @@ def train(cfg: Config, resume: str | None = None) -> Path:
 
     # --- data, checked before anything is started --------------------------------------------
     train_rows = read_split(cfg.data.train, cfg.data.max_train_rows)
+    custom_rewards = build_reward_functions(cfg.rewards.functions)
     eval_rows = read_split(cfg.data.eval, cfg.data.max_eval_rows) if cfg.data.eval else []
 
     cuda = torch.cuda.is_available()
@@ -130,7 +133,7 @@ def train(cfg: Config, resume: str | None = None) -> Path:
 
         trainer = GRPOTrainer(
             model=cfg.model.name_or_path,
-            reward_funcs=[make_env_reward(rollout_func)],
+            reward_funcs=[make_env_reward(rollout_func), *custom_rewards],
             args=args,
             train_dataset=train_ds,
             eval_dataset=eval_ds,

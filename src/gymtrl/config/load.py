@@ -28,6 +28,7 @@ GRPO_FIELDS_OWNED = {
     "vllm_server_base_url": "vllm.base_url",
     "vllm_server_host": "vllm.base_url",
     "vllm_server_port": "vllm.base_url",
+    "reward_weights": "rewards.env_weight and rewards.functions[].weight",
 }
 SYNC_STRATEGIES = ("auto", "nccl", "reload", "none")
 DTYPES = ("auto", "float32", "bfloat16", "float16")

@@ -127,6 +127,25 @@ class SyncConfig:
 
 
 @dataclass
+class RewardFunctionConfig:
+    # "package.module:function", or "path/to/file.py:function" (relative to the working directory).
+    function: str = MISSING
+    weight: float = 1.0
+    # Apply only to these agents' rollouts (None: all).
+    envs: Optional[list[str]] = None
+    # Metric name (default: the function's name): rewards/<name>/... and env/<agent>/reward_<name>.
+    name: Optional[str] = None
+
+
+@dataclass
+class RewardsConfig:
+    # Weight of the environment's own reward in the total.
+    env_weight: float = 1.0
+    # Extra TRL-style reward functions (see gymtrl/rewards.py and the README).
+    functions: list[RewardFunctionConfig] = field(default_factory=list)
+
+
+@dataclass
 class LoggingConfig:
     # Also log to Weights & Biases (WANDB_API_KEY from the environment; wandb_mode offline needs none).
     wandb: bool = False
@@ -153,5 +172,6 @@ class Config:
     # Passed to trl.GRPOConfig (validated against its real fields). temperature, top_p and
     # max_completion_length also become the rollouts' sampling settings.
     grpo: dict[str, Any] = field(default_factory=dict)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)

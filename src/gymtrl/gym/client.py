@@ -112,7 +112,9 @@ def parse_reward(reply: dict) -> tuple[float | None, FailureKind | None, str]:
     """The reply's reward, or the failure kind that excludes it."""
     if reply.get("mask_sample") is True:
         reason = reply.get("failure_reason") or reply.get("failure_kind") or "mask_sample: true"
-        return None, FailureKind.MASK_SAMPLE, str(reason)[:300]
+        # NeMo Gym's judge_failsafe marks a judge outage this way; it is not the policy's fault.
+        kind = FailureKind.JUDGE_FAILED if reply.get("failure_kind") == "judge_failed" else FailureKind.MASK_SAMPLE
+        return None, kind, str(reason)[:300]
     reward = reply.get("reward")
     if isinstance(reward, bool) or not isinstance(reward, (int, float)) or not math.isfinite(reward):
         return None, FailureKind.MISSING_REWARD, f"reward is {reward!r}"

@@ -17,6 +17,7 @@ class FailureKind(str, enum.Enum):
     INVALID_REPLY = "invalid_reply"  # not JSON, not an object, or the wrong shape
     MISSING_REWARD = "missing_reward"  # no numeric `reward`
     MASK_SAMPLE = "mask_sample"  # the environment flagged an infrastructure failure
+    JUDGE_FAILED = "judge_failed"  # the environment's LLM judge could not be reached or answer
     MISSING_TOKEN_IDS = "missing_token_ids"  # no token ids (model server not in training mode)
     MALFORMED_TOKEN_IDS = "malformed_token_ids"  # ids/logprobs of the wrong type or length
     PREFIX_MISMATCH = "prefix_mismatch"  # a later turn's prompt does not extend the history

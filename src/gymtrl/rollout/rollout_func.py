@@ -68,18 +68,19 @@ class GymRolloutFunc:
         metrics["rollout/batch_seconds"] = time.monotonic() - start
         self.engine.ledger.check_bound()
 
-        out = to_trl_batch(outcomes, self.placeholder)
+        out = to_trl_batch(outcomes, self.placeholder, rows)
         metrics.update(batch_metrics(outcomes))
         metrics.update(self.engine.ledger.snapshot())
         self.pending_metrics = metrics
         return out
 
 
-def to_trl_batch(outcomes: list[RolloutOutcome], placeholder: int) -> dict[str, list]:
-    """TRL's rollout dict: one entry per outcome, in order. Extra keys reach the reward functions."""
-    out: dict[str, list] = {k: [] for k in ("prompt_ids", "completion_ids", "logprobs", "env_mask",
-                                            "env_reward", "gym_env", "num_turns", "rollout_failure")}
-    for o in outcomes:
+def to_trl_batch(outcomes: list[RolloutOutcome], placeholder: int, rows: list[dict]) -> dict[str, list]:
+    """TRL's rollout dict: one entry per outcome, in order. Extra keys reach the reward functions:
+    `row` (the dataset row) and `verifier` (the verifier's reply, without the episode) among them."""
+    out: dict[str, list] = {k: [] for k in ("prompt_ids", "completion_ids", "logprobs", "env_mask", "env_reward",
+                                            "gym_env", "num_turns", "rollout_failure", "row", "verifier")}
+    for o, row in zip(outcomes, rows):
         t = o.trajectory
         if t is None:  # excluded: nothing to train on, and reward None keeps it out of the baseline
             out["prompt_ids"].append([placeholder])
@@ -95,6 +96,8 @@ def to_trl_batch(outcomes: list[RolloutOutcome], placeholder: int) -> dict[str, 
         out["gym_env"].append(o.env)
         out["num_turns"].append(t.num_turns if t else 0)
         out["rollout_failure"].append(o.failure.value if o.failure else "")
+        out["row"].append(row)
+        out["verifier"].append({k: v for k, v in (o.reply or {}).items() if k != "response"})
     return out
 
 
