@@ -1,5 +1,6 @@
 """Config loading: typed schema, overrides, and one clear message per mistake."""
 
+import os
 import textwrap
 
 import pytest
@@ -125,3 +126,23 @@ def test_shipped_environment_configs_are_valid(monkeypatch, name):
     paths = [s.path for s in cfg.data.train]
     assert paths and all(p.startswith("/gym-site/resources_servers/") for p in paths)
     assert cfg.gym.launch.enabled and cfg.vllm.launch.enabled and cfg.vllm.prefix_correction
+
+
+def test_a_nemo_gym_env_yaml_supplies_the_policy_server(tmp_path, monkeypatch):
+    """An existing NeMo Gym env.yaml works as is: policy_base_url and policy_model_name point gymtrl
+    at the server (the config and the command line still win), and policy_api_key becomes the API
+    key without ever appearing in the resolved config."""
+    from gymtrl.config.load import export_env_yaml_api_key
+
+    env_yaml = write(tmp_path, "policy_base_url: http://vllm-host:9000/v1\npolicy_model_name: my-policy\n"
+                               "policy_api_key: sk-secret-123\n", name="env.yaml")
+    p = write(tmp_path, GOOD + f"gym: {{env_yaml: {env_yaml}}}\n")
+    cfg = load_config(p)
+    assert (cfg.vllm.base_url, cfg.vllm.served_model_name) == ("http://vllm-host:9000", "my-policy")
+    assert load_config(p, ["vllm.served_model_name=other"]).vllm.served_model_name == "other"
+    monkeypatch.delenv(cfg.vllm.api_key_env, raising=False)
+    export_env_yaml_api_key(cfg)
+    assert os.environ[cfg.vllm.api_key_env] == "sk-secret-123"
+    assert "sk-secret" not in write_resolved_config(cfg, tmp_path / "out").read_text()
+    with pytest.raises(ConfigError, match="gym.env_yaml: file not found"):
+        load_config(p, [f"gym.env_yaml={tmp_path / 'nope.yaml'}"])

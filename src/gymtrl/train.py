@@ -12,6 +12,7 @@ import signal
 from pathlib import Path
 
 from gymtrl.config import Config, write_resolved_config
+from gymtrl.config.load import export_env_yaml_api_key
 from gymtrl.errors import ConfigError
 
 
@@ -74,6 +75,7 @@ def train(cfg: Config, resume: str | None = None) -> Path:
     from gymtrl.sync.vllm_control import VLLMControl
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    export_env_yaml_api_key(cfg)
     _stop_on_sigterm()
     out_dir = Path(cfg.output.dir)
     write_resolved_config(cfg, out_dir)

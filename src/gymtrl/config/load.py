@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -186,8 +187,12 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         launch = (section.get("gym") or {}).get("launch") if isinstance(section.get("gym"), dict) else None
         if isinstance(launch, dict) and isinstance(launch.get("config_paths"), str):
             launch["config_paths"] = [launch["config_paths"]]
+    env_yaml = ((override_data.get("gym") or {}).get("env_yaml") if isinstance(override_data.get("gym"), dict) else None) \
+        or ((data.get("gym") or {}).get("env_yaml") if isinstance(data.get("gym"), dict) else None)
+    from_env_yaml = _vllm_from_env_yaml(str(env_yaml)) if env_yaml else {}
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(Config), data, override_data)
+        # Precedence: defaults < NeMo Gym env.yaml < the config file < command-line overrides.
+        merged = OmegaConf.merge(OmegaConf.structured(Config), from_env_yaml, data, override_data)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "?"
         msg = str(e).splitlines()[0]
@@ -204,6 +209,41 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     cfg.grpo = _normalise_grpo(cfg.grpo)
     _check_values(cfg, str(path))
     return cfg
+
+
+def read_env_yaml(path: str) -> dict:
+    """A NeMo Gym env.yaml (the file `gym env start` reads its policy_* values from)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"gym.env_yaml: file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"gym.env_yaml: {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"gym.env_yaml: {p} must be a mapping (policy_base_url: ..., policy_model_name: ...)")
+    return data
+
+
+def _vllm_from_env_yaml(path: str) -> dict:
+    env = read_env_yaml(path)
+    vllm: dict = {}
+    if env.get("policy_base_url"):
+        # NeMo Gym's policy_base_url is the OpenAI base (".../v1"); gymtrl wants the server root.
+        vllm["base_url"] = re.sub(r"/v1/?$", "", str(env["policy_base_url"]).rstrip("/"))
+    if env.get("policy_model_name"):
+        vllm["served_model_name"] = str(env["policy_model_name"])
+    return {"vllm": vllm} if vllm else {}
+
+
+def export_env_yaml_api_key(cfg: Config) -> None:
+    """Make env.yaml's policy_api_key the vLLM API key (in this process's environment, under
+    vllm.api_key_env, unless that is already set), so it never lands in a config or a log."""
+    if not cfg.gym.env_yaml:
+        return
+    key = read_env_yaml(cfg.gym.env_yaml).get("policy_api_key")
+    if key and str(key) != "EMPTY" and not os.environ.get(cfg.vllm.api_key_env):
+        os.environ[cfg.vllm.api_key_env] = str(key)
 
 
 def _normalise_grpo(grpo: dict) -> dict:

@@ -91,6 +91,9 @@ class GymConfig:
     head_server_url: str = "http://127.0.0.1:11000"
     # Rewrite loopback agent hosts to the head server's host (agents on another node).
     rewrite_loopback_hosts: bool = True
+    # A NeMo Gym env.yaml: its policy_base_url and policy_model_name fill vllm.base_url and
+    # vllm.served_model_name (unless set here), its policy_api_key becomes the API key.
+    env_yaml: Optional[str] = None
     launch: GymLaunchConfig = field(default_factory=GymLaunchConfig)
 
 
