@@ -146,3 +146,16 @@ def test_a_nemo_gym_env_yaml_supplies_the_policy_server(tmp_path, monkeypatch):
     assert "sk-secret" not in write_resolved_config(cfg, tmp_path / "out").read_text()
     with pytest.raises(ConfigError, match="gym.env_yaml: file not found"):
         load_config(p, [f"gym.env_yaml={tmp_path / 'nope.yaml'}"])
+
+
+def test_a_separate_judge_must_be_a_separate_server(tmp_path):
+    """judge.server=url at the policy's own vLLM would judge with weights that change every step."""
+    p = write(tmp_path, GOOD + "gym: {launch: {enabled: true, venv: /v, config_paths: [x.yaml]}}\n")
+    with pytest.raises(ConfigError, match="judge.base_url is the policy's vLLM server"):
+        load_config(p, ["judge.server=url", "judge.base_url=http://localhost:8000/v1", "judge.model=j"])
+    with pytest.raises(ConfigError, match="needs judge.base_url and judge.model"):
+        load_config(p, ["judge.server=url"])
+    with pytest.raises(ConfigError, match="only when gymtrl launches NeMo Gym"):
+        load_config(p, ["judge.server=policy", "gym.launch.enabled=false"])
+    cfg = load_config(p, ["judge.server=url", "judge.base_url=http://judge:9000", "judge.model=j"])
+    assert cfg.judge.resources_servers == ["math_with_judge"]

@@ -33,6 +33,7 @@ GRPO_FIELDS_OWNED = {
 }
 SYNC_STRATEGIES = ("auto", "nccl", "reload", "none")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+JUDGE_SERVERS = ("none", "policy", "url")
 
 
 def _closest(name: str, choices: list[str]) -> str:
@@ -276,6 +277,25 @@ def _check_values(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: rollout.max_concurrency >= 1, rollout.timeout_s > 0 and rollout.retries >= 0 are required")
     if not 0.0 <= r.max_failure_rate <= 1.0:
         raise ConfigError(f"{source}: rollout.max_failure_rate must be between 0 and 1, got {r.max_failure_rate}")
+    j = cfg.judge
+    if j.server not in JUDGE_SERVERS:
+        raise ConfigError(f"{source}: judge.server must be one of {', '.join(JUDGE_SERVERS)}, got '{j.server}'")
+    if j.server != "none" and not cfg.gym.launch.enabled:
+        raise ConfigError(f"{source}: judge.server={j.server} takes effect only when gymtrl launches NeMo Gym",
+                          hint="set the judge in your NeMo Gym config (judge_model_server), or gym.launch.enabled=true")
+    if j.server == "url":
+        if not j.base_url or not j.model:
+            raise ConfigError(f"{source}: judge.server=url needs judge.base_url and judge.model")
+        if _server_root(j.base_url) == _server_root(cfg.vllm.base_url):
+            raise ConfigError(
+                f"{source}: judge.base_url is the policy's vLLM server ({cfg.vllm.base_url}): the judge would "
+                "change with every weight update",
+                hint="point it at another server, or set judge.server=policy to judge with the policy on purpose",
+            )
+
+
+def _server_root(url: str) -> str:
+    return re.sub(r"/v1/?$", "", url.rstrip("/")).replace("localhost", "127.0.0.1")
 
 
 def to_yaml(cfg: Config) -> str:

@@ -130,6 +130,21 @@ class SyncConfig:
 
 
 @dataclass
+class JudgeConfig:
+    # Where environments' LLM judges (math_with_judge's judge_model_server) send their calls:
+    # none (judges stay as their NeMo Gym config says) | policy (the policy's vLLM: it judges with
+    # the weights being trained) | url (any OpenAI-compatible server: a fixed judge).
+    server: str = "none"
+    # For `url`: the server's root URL (without /v1) and the model name it serves.
+    base_url: Optional[str] = None
+    model: Optional[str] = None
+    # Environment variable holding the judge's API key (never written to configs or logs).
+    api_key_env: str = "GYMTRL_JUDGE_API_KEY"
+    # Resources server instances whose judge to switch on and point at it.
+    resources_servers: list[str] = field(default_factory=lambda: ["math_with_judge"])
+
+
+@dataclass
 class RewardFunctionConfig:
     # "package.module:function", or "path/to/file.py:function" (relative to the working directory).
     function: str = MISSING
@@ -176,5 +191,6 @@ class Config:
     # max_completion_length also become the rollouts' sampling settings.
     grpo: dict[str, Any] = field(default_factory=dict)
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)

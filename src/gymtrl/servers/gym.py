@@ -41,6 +41,29 @@ def gym_command(cfg: Config, log_dir: Path) -> list[str]:
         "policy_api_key": f"${{oc.env:{cfg.vllm.api_key_env},EMPTY}}",
         "policy_model_name": served_model_name(cfg),
     }
-    for key, value in {**policy, **launch.overrides}.items():
+    for key, value in {**policy, **judge_overrides(cfg), **launch.overrides}.items():
         cmd += ["--set", f"{key}={json.dumps(value)}"]
+    if cfg.judge.server != "none":
+        cmd += ["--judge-server", JUDGE_INSTANCE if cfg.judge.server == "url" else "policy_model"]
+        for name in cfg.judge.resources_servers:
+            cmd += ["--judge-for", name]
     return cmd + list(launch.extra_args)
+
+
+JUDGE_INSTANCE = "gymtrl_judge_model"
+
+
+def judge_overrides(cfg: Config) -> dict:
+    """For judge.server=url: a NeMo Gym model server instance in front of the judge endpoint
+    (plain chat, no token ids); its key is read from the environment by NeMo Gym."""
+    judge = cfg.judge
+    if judge.server != "url":
+        return {}
+    return {f"{JUDGE_INSTANCE}.responses_api_models.vllm_model": {
+        "entrypoint": "app.py",
+        "base_url": judge.base_url.rstrip("/").removesuffix("/v1") + "/v1",  # type: ignore[union-attr]
+        "api_key": f"${{oc.env:{judge.api_key_env},EMPTY}}",
+        "model": judge.model,
+        "return_token_id_information": False,
+        "uses_reasoning_parser": False,
+    }}

@@ -83,6 +83,19 @@ def resolve_config(args):
     return config
 
 
+def wire_judge(config, instance: str, judge_server: str) -> None:
+    """Point a resources server's LLM judge (judge_model_server, as math_with_judge has) at a model
+    server instance, and switch it on."""
+    blocks = (config.get(instance) or {}).get("resources_servers") if instance in config else None
+    if not blocks or len(blocks) != 1:
+        raise SystemExit(f"gym_launcher: --judge-for {instance}: no such resources server in the config")
+    block = next(iter(blocks.values()))
+    if "judge_model_server" not in block:
+        raise SystemExit(f"gym_launcher: --judge-for {instance}: this resources server has no judge_model_server")
+    block["judge_model_server"] = {"type": "responses_api_models", "name": judge_server}
+    block["should_use_judge"] = True
+
+
 def server_blocks(config):
     """(instance name, server type, implementation dir, block) for every startable server."""
     from omegaconf import DictConfig
@@ -108,6 +121,9 @@ def main() -> int:
     ap.add_argument("--log-dir", required=True)
     ap.add_argument("--startup-timeout", type=float, default=600.0)
     ap.add_argument("--use-env-yaml", action="store_true", help="also read env.yaml like gym env start")
+    ap.add_argument("--judge-for", action="append", default=[],
+                    help="resources server instance whose LLM judge to switch on (repeatable)")
+    ap.add_argument("--judge-server", default="policy_model", help="model server instance the judge calls")
     args = ap.parse_args()
 
     roots = [str(Path(r).resolve()) for r in args.extra_root]
@@ -132,6 +148,8 @@ def main() -> int:
     # Environment-server relays (legacy_agent) need Ray; agents are called directly instead.
     for name in [n for n, v in config.items() if OmegaConf.is_dict(v) and "environment_servers" in v]:
         del config[name]
+    for name in args.judge_for:
+        wire_judge(config, name, args.judge_server)
     config_yaml = OmegaConf.to_yaml(config)
     os.environ["NEMO_GYM_CONFIG_DICT"] = config_yaml  # HeadServer and children read it from here
     (log_dir / "gym_config.yaml").write_text(config_yaml)
