@@ -231,7 +231,7 @@ def _vllm_from_env_yaml(path: str) -> dict:
     vllm: dict = {}
     if env.get("policy_base_url"):
         # NeMo Gym's policy_base_url is the OpenAI base (".../v1"); gymtrl wants the server root.
-        vllm["base_url"] = re.sub(r"/v1/?$", "", str(env["policy_base_url"]).rstrip("/"))
+        vllm["base_url"] = server_root(str(env["policy_base_url"]))
     if env.get("policy_model_name"):
         vllm["served_model_name"] = str(env["policy_model_name"])
     return {"vllm": vllm} if vllm else {}
@@ -286,7 +286,7 @@ def _check_values(cfg: Config, source: str) -> None:
     if j.server == "url":
         if not j.base_url or not j.model:
             raise ConfigError(f"{source}: judge.server=url needs judge.base_url and judge.model")
-        if _server_root(j.base_url) == _server_root(cfg.vllm.base_url):
+        if _same_server(j.base_url, cfg.vllm.base_url):
             raise ConfigError(
                 f"{source}: judge.base_url is the policy's vLLM server ({cfg.vllm.base_url}): the judge would "
                 "change with every weight update",
@@ -294,8 +294,13 @@ def _check_values(cfg: Config, source: str) -> None:
             )
 
 
-def _server_root(url: str) -> str:
-    return re.sub(r"/v1/?$", "", url.rstrip("/")).replace("localhost", "127.0.0.1")
+def server_root(url: str) -> str:
+    """An OpenAI-compatible server's root URL: without a trailing "/v1" (NeMo Gym's base URLs have it)."""
+    return re.sub(r"/v1/?$", "", url.rstrip("/"))
+
+
+def _same_server(a: str, b: str) -> bool:
+    return server_root(a).replace("localhost", "127.0.0.1") == server_root(b).replace("localhost", "127.0.0.1")
 
 
 def to_yaml(cfg: Config) -> str:

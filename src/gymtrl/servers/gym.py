@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from gymtrl.config.load import server_root
 from gymtrl.config.schema import Config
 from gymtrl.errors import ConfigError
 from gymtrl.servers.vllm import served_model_name
@@ -61,7 +62,7 @@ def judge_overrides(cfg: Config) -> dict:
         return {}
     return {f"{JUDGE_INSTANCE}.responses_api_models.vllm_model": {
         "entrypoint": "app.py",
-        "base_url": judge.base_url.rstrip("/").removesuffix("/v1") + "/v1",  # type: ignore[union-attr]
+        "base_url": server_root(judge.base_url) + "/v1",  # type: ignore[arg-type]
         "api_key": f"${{oc.env:{judge.api_key_env},EMPTY}}",
         "model": judge.model,
         "return_token_id_information": False,
