@@ -157,5 +157,9 @@ def test_a_separate_judge_must_be_a_separate_server(tmp_path):
         load_config(p, ["judge.server=url"])
     with pytest.raises(ConfigError, match="only when gymtrl launches NeMo Gym"):
         load_config(p, ["judge.server=policy", "gym.launch.enabled=false"])
+    with pytest.raises(ConfigError, match="judge.server=launch needs judge.base_url and judge.model"):
+        load_config(p, ["judge.server=launch", "judge.model=j"])
+    with pytest.raises(ConfigError, match="judge.server=launch needs a vLLM venv"):
+        load_config(p, ["judge.server=launch", "judge.model=j", "judge.base_url=http://127.0.0.1:8001"])
     cfg = load_config(p, ["judge.server=url", "judge.base_url=http://judge:9000", "judge.model=j"])
     assert cfg.judge.resources_servers == ["math_with_judge"]

@@ -1,19 +1,18 @@
-"""LLM-as-a-judge: math_with_judge's judge pointed by gymtrl's config (judge.server=url) at a real
-judge server (the tiny model through a second vLLM CPU server), then that server taken down."""
+"""LLM-as-a-judge: math_with_judge's judge started and wired by gymtrl (judge.server=launch: a
+second vLLM CPU server with the tiny model, behind the real ServerStack), then that server taken down."""
 
 import json
 
+import httpx
 import pytest
 
 from conftest import free_port, server_config
-from gymtrl.errors import RolloutFailureBoundError
-from gymtrl.gym.discovery import discover, wait_ready
+from gymtrl.errors import RolloutFailureBoundError, ServerError
+from gymtrl.gym.discovery import discover
 from gymtrl.gym.verify import message, verify
 from gymtrl.rollout.engine import RolloutEngine, SamplingParams
 from gymtrl.rollout.failures import FailureBound, FailureKind, FailureLedger
-from gymtrl.servers.gym import gym_command
-from gymtrl.servers.process import ManagedProcess, http_ok
-from gymtrl.servers.vllm import vllm_command, vllm_env
+from gymtrl.servers.stack import ServerStack
 
 pytestmark = pytest.mark.servers
 AGENT = "math_with_judge_simple_agent"
@@ -21,25 +20,22 @@ AGENT = "math_with_judge_simple_agent"
 
 @pytest.fixture(scope="module")
 def judged(servers, tiny_model, tmp_path_factory):
-    """(head URL, the judge's vLLM process): a NeMo Gym of its own whose math_with_judge calls a
-    judge vLLM of its own; the policy is the session's vLLM."""
+    """A ServerStack that launches a NeMo Gym of its own and the judge's vLLM; the policy is the
+    session's vLLM (already running, so not launched)."""
     out = tmp_path_factory.mktemp("judge")
-    judge_cfg = server_config(tiny_model, free_port(), free_port(), out / "judge", prefix_correction=False)
-    judge = ManagedProcess("judge vLLM", vllm_command(judge_cfg, nccl=False), out / "judge.log", env=vllm_env(judge_cfg))
-    cfg = server_config(tiny_model, int(servers.vllm_url.rsplit(":", 1)[1]), free_port(), out / "gym",
+    cfg = server_config(tiny_model, int(servers.vllm_url.rsplit(":", 1)[1]), free_port(), out,
                         gym_configs=["responses_api_models/vllm_model/configs/vllm_model_for_training.yaml",
                                      "resources_servers/math_with_judge/configs/math_with_judge.yaml"])
-    cfg.judge.server, cfg.judge.base_url, cfg.judge.model = "url", judge_cfg.vllm.base_url, "tiny"
-    gym = ManagedProcess("gym", gym_command(cfg, out / "gym/logs"), out / "gym.log")
-    judge.start()
-    gym.start()
-    try:
-        judge.wait_healthy(lambda: http_ok(judge_cfg.vllm.base_url + "/health"), 600, "judge health")
-        wait_ready(cfg.gym.head_server_url, 300, is_alive=gym.alive)
-        yield cfg.gym.head_server_url, judge
-    finally:
-        gym.stop()
-        judge.stop()
+    cfg.vllm.launch.enabled = False
+    cfg.judge.server, cfg.judge.base_url, cfg.judge.model = "launch", f"http://127.0.0.1:{free_port()}", str(tiny_model)
+    cfg.judge.launch.extra_args = list(cfg.vllm.launch.extra_args)  # CPU: eager, a small KV cache
+    cfg.judge.launch.startup_timeout_s = 600
+    with ServerStack(cfg, out / "logs", nccl=False) as stack:
+        yield cfg, stack
+
+
+def judge_process(stack):
+    return next(p for p in stack.processes if p.name == "judge vLLM server")
 
 
 def math_rows(gym_site, boxed=False):
@@ -54,9 +50,17 @@ def math_rows(gym_site, boxed=False):
     return rows
 
 
+def test_a_launched_judge_cannot_receive_weight_updates(judged):
+    """It runs without vLLM's dev mode: the endpoints weight sync uses do not exist on it."""
+    cfg, _ = judged
+    for path in ("/collective_rpc", "/reset_prefix_cache"):
+        assert httpx.post(cfg.judge.base_url + path, json={"method": "reload_weights"}).status_code == 404
+    assert httpx.get(cfg.judge.base_url + "/v1/models").json()["data"][0]["id"] == cfg.judge.model
+
+
 def test_answers_math_verify_cannot_settle_go_to_the_judge(judged, gym_site):
-    head, _ = judged
-    url = discover(head).resources_url_of(AGENT)
+    cfg, _ = judged
+    url = discover(cfg.gym.head_server_url).resources_url_of(AGENT)
     row = math_rows(gym_site)[0]
     right = verify(url, row, message(f"\\boxed{{{row['expected_answer']}}}"))
     assert right["reward"] == 1.0 and not right.get("judge_evaluations")  # settled without the judge
@@ -75,18 +79,22 @@ def run(head, rows, ledger, timeout_s):
 
 
 def test_a_judge_outage_is_counted_and_meets_the_bound(judged, gym_site):
-    """Whole rollouts consult the judge while it is up. Once it is down, NeMo Gym 0.7 retries the
-    refused connection without end, so gymtrl's rollout deadline ends each episode: counted as
-    `timeout`, excluded (never a reward of 0), and the failure bound stops the run."""
-    head, judge = judged
+    """Whole rollouts consult the judge while it is up. Once it is down, each judged rollout fails
+    within judge.connection_retries x 0.5 s as `judge_failed` (never a reward of 0, never a hang
+    until the deadline), the failure bound stops the run, and the stack reports the dead judge."""
+    cfg, stack = judged
+    head = cfg.gym.head_server_url
     rows = math_rows(gym_site, boxed=True)
     ledger = FailureLedger(FailureBound(max_rate=0.5, window=8, min_rollouts=4))
     up = run(head, rows, ledger, 120.0)
     assert [o.failure for o in up] == [None] * len(rows), [(o.failure, o.detail) for o in up]
     assert all(o.reply.get("judge_evaluations") for o in up)  # wrong boxed answers: judged
-    judge.stop()
-    down = run(head, rows, ledger, 20.0)
-    assert [o.failure for o in down] == [FailureKind.TIMEOUT] * len(rows)
+    judge_process(stack).stop()
+    down = run(head, rows, ledger, 60.0)
+    assert [o.failure for o in down] == [FailureKind.JUDGE_FAILED] * len(rows), [(o.failure, o.detail) for o in down]
     assert all(o.reward is None for o in down)
-    with pytest.raises(RolloutFailureBoundError, match=f"environment '{AGENT}'.*timeout={len(rows)}"):
+    assert max(o.latency_s for o in down) < 30.0  # failed fast: well inside the 60 s deadline
+    with pytest.raises(RolloutFailureBoundError, match=f"environment '{AGENT}'.*judge_failed={len(rows)}"):
         ledger.check_bound()
+    with pytest.raises(ServerError, match="judge vLLM server exited"):
+        stack.check()

@@ -33,7 +33,7 @@ GRPO_FIELDS_OWNED = {
 }
 SYNC_STRATEGIES = ("auto", "nccl", "reload", "none")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-JUDGE_SERVERS = ("none", "policy", "url")
+JUDGE_SERVERS = ("none", "policy", "url", "launch")
 
 
 def _closest(name: str, choices: list[str]) -> str:
@@ -283,15 +283,21 @@ def _check_values(cfg: Config, source: str) -> None:
     if j.server != "none" and not cfg.gym.launch.enabled:
         raise ConfigError(f"{source}: judge.server={j.server} takes effect only when gymtrl launches NeMo Gym",
                           hint="set the judge in your NeMo Gym config (judge_model_server), or gym.launch.enabled=true")
-    if j.server == "url":
+    if j.server in ("url", "launch"):
         if not j.base_url or not j.model:
-            raise ConfigError(f"{source}: judge.server=url needs judge.base_url and judge.model")
+            raise ConfigError(f"{source}: judge.server={j.server} needs judge.base_url and judge.model",
+                              hint="e.g. judge.base_url=http://127.0.0.1:8001 judge.model=Qwen/Qwen2.5-7B-Instruct")
         if _same_server(j.base_url, cfg.vllm.base_url):
             raise ConfigError(
                 f"{source}: judge.base_url is the policy's vLLM server ({cfg.vllm.base_url}): the judge would "
                 "change with every weight update",
                 hint="point it at another server, or set judge.server=policy to judge with the policy on purpose",
             )
+        if j.connection_retries < 1:
+            raise ConfigError(f"{source}: judge.connection_retries must be >= 1, got {j.connection_retries}")
+    if j.server == "launch" and not (j.launch.venv or cfg.vllm.launch.venv):
+        raise ConfigError(f"{source}: judge.server=launch needs a vLLM venv to start the judge from",
+                          hint="set judge.launch.venv (or vllm.launch.venv)")
 
 
 def server_root(url: str) -> str:

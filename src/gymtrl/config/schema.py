@@ -130,18 +130,35 @@ class SyncConfig:
 
 
 @dataclass
+class JudgeLaunchConfig:
+    # Venv holding vLLM for the judge (None: vllm.launch.venv).
+    venv: Optional[str] = None
+    # Added to the judge's `vllm serve` command, e.g. [--gpu-memory-utilization, "0.3"].
+    extra_args: list[str] = field(default_factory=list)
+    # Extra environment for the judge, e.g. {CUDA_VISIBLE_DEVICES: "1"} to give it its own GPU.
+    env: dict[str, str] = field(default_factory=dict)
+    startup_timeout_s: float = 900.0
+
+
+@dataclass
 class JudgeConfig:
     # Where environments' LLM judges (math_with_judge's judge_model_server) send their calls:
     # none (judges stay as their NeMo Gym config says) | policy (the policy's vLLM: it judges with
-    # the weights being trained) | url (any OpenAI-compatible server: a fixed judge).
+    # the weights being trained) | url (any OpenAI-compatible server: a fixed judge) | launch (a
+    # second vLLM that gymtrl starts at base_url serving `model`; never sent weight updates).
     server: str = "none"
-    # For `url`: the server's root URL (without /v1) and the model name it serves.
+    # For url and launch: the server's root URL (without /v1) and the model name it serves
+    # (for launch, the weights to serve: a hub id or a local path).
     base_url: Optional[str] = None
     model: Optional[str] = None
     # Environment variable holding the judge's API key (never written to configs or logs).
     api_key_env: str = "GYMTRL_JUDGE_API_KEY"
     # Resources server instances whose judge to switch on and point at it.
     resources_servers: list[str] = field(default_factory=lambda: ["math_with_judge"])
+    # Connection attempts (0.5 s apart) to a url/launch judge before its call fails as judge_failed
+    # (NeMo Gym's own default is to retry a refused connection forever).
+    connection_retries: int = 8
+    launch: JudgeLaunchConfig = field(default_factory=JudgeLaunchConfig)
 
 
 @dataclass

@@ -42,10 +42,10 @@ def gym_command(cfg: Config, log_dir: Path) -> list[str]:
         "policy_api_key": f"${{oc.env:{cfg.vllm.api_key_env},EMPTY}}",
         "policy_model_name": served_model_name(cfg),
     }
-    for key, value in {**policy, **judge_overrides(cfg), **launch.overrides}.items():
+    for key, value in {**policy, **judge_overrides(cfg, log_dir), **launch.overrides}.items():
         cmd += ["--set", f"{key}={json.dumps(value)}"]
     if cfg.judge.server != "none":
-        cmd += ["--judge-server", JUDGE_INSTANCE if cfg.judge.server == "url" else "policy_model"]
+        cmd += ["--judge-server", "policy_model" if cfg.judge.server == "policy" else JUDGE_INSTANCE]
         for name in cfg.judge.resources_servers:
             cmd += ["--judge-for", name]
     return cmd + list(launch.extra_args)
@@ -54,17 +54,35 @@ def gym_command(cfg: Config, log_dir: Path) -> list[str]:
 JUDGE_INSTANCE = "gymtrl_judge_model"
 
 
-def judge_overrides(cfg: Config) -> dict:
-    """For judge.server=url: a NeMo Gym model server instance in front of the judge endpoint
-    (plain chat, no token ids); its key is read from the environment by NeMo Gym."""
+def judge_overrides(cfg: Config, log_dir: Path) -> dict:
+    """For a url or launched judge: a NeMo Gym model server instance in front of the judge endpoint
+    (plain chat, no token ids); its key is read from the environment by NeMo Gym.
+
+    NeMo Gym 0.7 retries a refused connection forever, so a judge that is gone would hang every
+    rollout that needs it until gymtrl's deadline. It bounds those retries only for a model server
+    that reads its address from an `endpoint_file`; gymtrl writes one (holding the same address)
+    so a dead judge fails fast, as NeMo Gym's counted `judge_failed`."""
     judge = cfg.judge
-    if judge.server != "url":
+    if judge.server not in ("url", "launch"):
         return {}
+    base_url = server_root(judge.base_url) + "/v1"  # type: ignore[arg-type]
+    endpoint_file = write_endpoint_file(Path(log_dir) / "judge_endpoint", base_url)
     return {f"{JUDGE_INSTANCE}.responses_api_models.vllm_model": {
         "entrypoint": "app.py",
-        "base_url": server_root(judge.base_url) + "/v1",  # type: ignore[arg-type]
+        "base_url": base_url,
         "api_key": f"${{oc.env:{judge.api_key_env},EMPTY}}",
         "model": judge.model,
         "return_token_id_information": False,
         "uses_reasoning_parser": False,
+        "endpoint_file": str(endpoint_file),
+        "endpoint_connection_retries": judge.connection_retries,
     }}
+
+
+def write_endpoint_file(path: Path, url: str) -> Path:
+    path = path.resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(url + "\n")
+    tmp.replace(path)  # atomic: NeMo Gym never reads a half-written address
+    return path

@@ -1,6 +1,6 @@
 """The servers a run needs, up and healthy before the first step, and stopped when it ends.
 
-For each of vLLM and NeMo Gym: when `launch.enabled`, gymtrl starts it (both at once), streams its
+For each of vLLM, NeMo Gym and (judge.server=launch) the judge's vLLM: when `launch.enabled`, gymtrl starts it (both at once), streams its
 output to <output>/logs/, and waits for its health endpoint; otherwise it must already answer at
 its configured URL. While training, `check()` notices at once when a launched server has died.
 """
@@ -12,12 +12,14 @@ import socket
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from gymtrl.config.load import server_root
 from gymtrl.config.schema import Config
 from gymtrl.errors import ServerError
 from gymtrl.gym.discovery import wait_ready
 from gymtrl.servers.gym import gym_command
 from gymtrl.servers.process import ManagedProcess, http_ok
-from gymtrl.servers.vllm import served_model_name, vllm_command, vllm_env, vllm_python
+from gymtrl.servers.vllm import (judge_vllm_command, judge_vllm_env, served_model_name, vllm_command, vllm_env,
+                                 vllm_python)
 from gymtrl.sync.vllm_control import VLLMControl
 from gymtrl.vllm_plugin.install import ensure_installed
 from gymtrl.vllm_plugin.plugin import ENV_SWITCH
@@ -60,13 +62,15 @@ class ServerStack:
 
     def start(self) -> None:
         cfg = self.cfg
-        vllm = gym = None
+        vllm = gym = judge = None
         # A server left over from an earlier run would answer our health checks in place of the one
         # we start (which then fails to bind): refuse to start on a port that is taken.
         if cfg.vllm.launch.enabled:
             ensure_port_free(cfg.vllm.base_url, "vllm.base_url")
         if cfg.gym.launch.enabled:
             ensure_port_free(cfg.gym.head_server_url, "gym.head_server_url")
+        if cfg.judge.server == "launch":
+            ensure_port_free(cfg.judge.base_url, "judge.base_url")  # type: ignore[arg-type]
         if cfg.vllm.launch.enabled and cfg.vllm.prefix_correction and vllm_python(cfg):
             if ensure_installed(vllm_python(cfg)):
                 log.info("installed gymtrl's prefix-correction plugin into %s", cfg.vllm.launch.venv)
@@ -75,6 +79,11 @@ class ServerStack:
                                   env=vllm_env(cfg))
             vllm.start()
             self.processes.append(vllm)
+        if cfg.judge.server == "launch":
+            judge = ManagedProcess("judge vLLM server", judge_vllm_command(cfg), self.log_dir / "judge_vllm.log",
+                                   env=judge_vllm_env(cfg))
+            judge.start()
+            self.processes.append(judge)
         if cfg.gym.launch.enabled:
             gym = ManagedProcess("NeMo Gym servers", gym_command(cfg, self.log_dir / "gym"),
                                  self.log_dir / "gym.log", env=dict(cfg.gym.launch.env))
@@ -91,6 +100,12 @@ class ServerStack:
             )
         self._check_served_model()
         self._check_prefix_correction()
+        if judge is not None:
+            judge_url = server_root(cfg.judge.base_url)  # type: ignore[arg-type]
+            judge.wait_healthy(lambda: http_ok(judge_url + "/health"), cfg.judge.launch.startup_timeout_s,
+                               judge_url + "/health")
+        if cfg.judge.server in ("url", "launch"):
+            self._check_judge(launched=judge is not None)
         if gym is not None:
             wait_ready(cfg.gym.head_server_url, cfg.gym.launch.startup_timeout_s,
                        is_alive=lambda: gym.alive() or bool(gym.check()))
@@ -109,6 +124,25 @@ class ServerStack:
                 f"the vLLM server at {self.cfg.vllm.base_url} serves {served}, not '{want}'",
                 hint="set vllm.served_model_name to the name the server uses (NeMo Gym's policy_model_name)",
             )
+
+    def _check_judge(self, launched: bool) -> None:
+        """The judge answers and serves judge.model: found now rather than at the first judged answer."""
+        judge = self.cfg.judge
+        url = server_root(judge.base_url)  # type: ignore[arg-type]
+        control = VLLMControl(url, self.cfg.vllm.request_timeout_s, judge.api_key_env)
+        try:
+            served = control.served_models()
+        except ServerError as e:
+            raise ServerError(f"no judge answers at judge.base_url={url}: {e.message}",
+                              hint="start it, or fix judge.base_url / judge.api_key_env") from None
+        finally:
+            control.close()
+        if judge.model in served:
+            log.info("LLM judge: %s at %s for %s", judge.model, url, ", ".join(judge.resources_servers))
+        elif launched:
+            raise ServerError(f"the judge server at {url} serves {served}, not '{judge.model}'")
+        else:  # some gateways list fewer models than they serve
+            log.warning("the judge server at %s does not list '%s' (it lists %s)", url, judge.model, served)
 
     def _check_prefix_correction(self) -> None:
         vllm = self.cfg.vllm

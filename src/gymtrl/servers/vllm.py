@@ -49,3 +49,23 @@ def vllm_python(cfg: Config) -> str | None:
     """The Python of the venv gymtrl launches vLLM from (None with a custom launch command)."""
     launch = cfg.vllm.launch
     return None if launch.command or not launch.venv else str(Path(launch.venv).expanduser() / "bin" / "python")
+
+
+def judge_vllm_command(cfg: Config) -> list[str]:
+    """judge.server=launch: a plain vLLM for the judge. No dev mode, so it has no weight-update
+    endpoints: nothing can push the policy's weights to it, by accident or otherwise."""
+    judge = cfg.judge
+    venv = judge.launch.venv or cfg.vllm.launch.venv
+    url = urlsplit(judge.base_url or "")
+    return [
+        str(Path(venv).expanduser() / "bin" / "vllm"), "serve", str(judge.model),  # type: ignore[arg-type]
+        "--host", url.hostname or "127.0.0.1", "--port", str(url.port or 8001),
+        "--served-model-name", str(judge.model),
+        "--dtype", cfg.vllm.dtype,
+        "--max-model-len", str(cfg.vllm.max_model_len),
+    ] + list(judge.launch.extra_args)
+
+
+def judge_vllm_env(cfg: Config) -> dict[str, str]:
+    # Explicitly off, whatever the parent's environment holds.
+    return {"VLLM_SERVER_DEV_MODE": "0", ENV_SWITCH: "0", **cfg.judge.launch.env}
