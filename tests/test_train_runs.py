@@ -90,3 +90,7 @@ output: {{dir: {tmp_path / 'run'}}}
     assert "Traceback" not in stderr
     [line] = [l for l in stderr.splitlines() if l.startswith("gymtrl: error:")]
     assert "environment 'digit_reply_simple_agent'" in line and "connection_error" in line
+    # Before the bound tripped, batches with lost rollouts were reported by gymtrl, one line each,
+    # and TRL's dump of every unscorable sample's kwargs was kept out of the log.
+    assert "rollouts excluded (connection_error@digit_reply_simple_agent" in stderr, stderr[-3000:]
+    assert "All reward functions returned None" not in stderr

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 from pathlib import Path
@@ -55,6 +56,15 @@ def _stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+class _DropUnscorableSampleDumps(logging.Filter):
+    """TRL warns for every step with an excluded rollout and prints that sample's whole row and
+    completion. gymtrl already counts and logs each excluded rollout by kind (rollout/failed_*), so
+    the dump is noise that can run to megabytes per step."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "All reward functions returned None" not in str(record.msg)  # accelerate prefixes "[RANK n] "
+
+
 def train(cfg: Config, resume: str | None = None) -> Path:
     import torch
     from transformers import AutoTokenizer, TrainerCallback
@@ -68,6 +78,8 @@ def train(cfg: Config, resume: str | None = None) -> Path:
     from gymtrl.rollout.engine import RolloutEngine, SamplingParams
     from gymtrl.rollout.failures import FailureBound, FailureLedger
     from gymtrl.rollout.rollout_func import GymRolloutFunc, make_env_reward
+
+    logging.getLogger("trl.trainer.grpo_trainer").addFilter(_DropUnscorableSampleDumps())
     from gymtrl.servers.stack import ServerStack
     from gymtrl.servers.vllm import served_model_name
     from gymtrl.sync.strategies import NcclSync, ReloadSync, WeightSync, choose_strategy

@@ -13,8 +13,9 @@ from the group baseline and the loss, and the ledger counts it.
 
 from __future__ import annotations
 
+import logging
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from statistics import mean
 
 from gymtrl.errors import WeightSyncError
@@ -22,6 +23,8 @@ from gymtrl.rollout.engine import RolloutEngine, RolloutOutcome
 from gymtrl.rollout.failures import FailureKind
 from gymtrl.sync.strategies import WeightSync
 from gymtrl.sync.verify import SyncVerifier
+
+log = logging.getLogger(__name__)
 
 
 class GymRolloutFunc:
@@ -66,6 +69,7 @@ class GymRolloutFunc:
         start = time.monotonic()
         outcomes = self.engine.run(rows)
         metrics["rollout/batch_seconds"] = time.monotonic() - start
+        log_excluded(outcomes, trainer.state.global_step)
         self.engine.ledger.check_bound()
 
         out = to_trl_batch(outcomes, self.placeholder, rows)
@@ -73,6 +77,18 @@ class GymRolloutFunc:
         metrics.update(self.engine.ledger.snapshot())
         self.pending_metrics = metrics
         return out
+
+
+def log_excluded(outcomes: list[RolloutOutcome], step: int) -> None:
+    """One warning line per batch that lost rollouts: how many, of which kind, where, and the last reason."""
+    failed = [o for o in outcomes if o.failure is not None]
+    if not failed:
+        return
+    kinds = Counter(f"{o.failure.value}@{o.env}" for o in failed)  # type: ignore[union-attr]
+    last = failed[-1]
+    log.warning("step %d: %d of %d rollouts excluded (%s); last %s: %s", step, len(failed), len(outcomes),
+                ", ".join(f"{k} x{n}" for k, n in kinds.most_common()), last.failure.value,  # type: ignore[union-attr]
+                (last.detail or "-")[:300])
 
 
 def to_trl_batch(outcomes: list[RolloutOutcome], placeholder: int, rows: list[dict]) -> dict[str, list]:
