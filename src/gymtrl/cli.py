@@ -67,6 +67,29 @@ def train(
     typer.echo(f"gymtrl: training finished; final model in {final}")
 
 
+@app.command("prepare-data", context_settings={"allow_extra_args": True})
+def prepare_data(
+    config: str = typer.Option(..., "--config", "-c", help="YAML config file with a `prepare:` section."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides, e.g. prepare.seed=1"),
+    strict: bool = typer.Option(False, "--strict", help="Stop at the first bad row instead of skipping it."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
+) -> None:
+    """Build train.jsonl, validation.jsonl and report.json from the config's prepare.sources."""
+    from gymtrl.config.load import load_prepare_config
+    from gymtrl.prepare.pipeline import prepare
+
+    try:
+        prep = load_prepare_config(config, overrides or [])
+        prep.strict = prep.strict or strict
+        prep.progress_bar = prep.progress_bar and not no_progress
+        report = prepare(prep)
+    except GymtrlError as e:
+        _fail(e)
+    typer.echo(report.table())
+    typer.echo(f"gymtrl: wrote {report.totals['train']} training and {report.totals['validation']} validation rows "
+               f"to {report.output_dir} (report.json has the details)")
+
+
 plugin_app = typer.Typer(no_args_is_help=True, help="gymtrl's vLLM plugin: on-policy prefix correction.")
 app.add_typer(plugin_app, name="vllm-plugin")
 

@@ -18,7 +18,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from gymtrl.config.schema import Config
+from gymtrl.config.schema import Config, PrepareConfig
 from gymtrl.errors import ConfigError
 
 # GRPOConfig fields gymtrl sets itself, and the gymtrl key to use instead.
@@ -173,8 +173,8 @@ def _as_sources(value: Any) -> Any:
     return value
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
-    """Read `path`, apply `overrides`, validate, and return the typed Config."""
+def _merge(path: str | os.PathLike, overrides: list[str] | None) -> tuple[Any, Path, str]:
+    """The file and overrides, checked for unknown keys and merged over the defaults (unresolved)."""
     path = Path(path)
     data, text = _read_yaml(path)
     override_data = _parse_overrides(overrides or [])
@@ -200,6 +200,12 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         raise ConfigError(
             f"{_key_line(str(path), text, str(key).split('.'))}: bad value for '{key}': {msg}"
         ) from None
+    return merged, path, text
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
+    """Read `path`, apply `overrides`, validate, and return the typed Config (for training)."""
+    merged, path, text = _merge(path, overrides)
     missing = _missing_keys(merged)
     if missing:
         raise ConfigError(
@@ -210,6 +216,61 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     cfg.grpo = _normalise_grpo(cfg.grpo)
     _check_values(cfg, str(path))
     return cfg
+
+
+def load_prepare_config(path: str | os.PathLike, overrides: list[str] | None = None) -> PrepareConfig:
+    """The `prepare` section only (for `gymtrl prepare-data`): the training sections may be
+    incomplete in a data-only file. Its gym_configs default to gym.launch.config_paths."""
+    merged, path, text = _merge(path, overrides)
+    try:
+        prep: PrepareConfig = OmegaConf.to_object(merged.prepare)  # type: ignore[assignment]
+        gym_configs = OmegaConf.to_object(merged.gym.launch.config_paths)
+        gym_venv = merged.gym.launch.venv
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        raise ConfigError(f"{_key_line(str(path), text, str(key).split('.'))}: '{key}': "
+                          f"{str(e).splitlines()[0]}") from None
+    if prep.gym_configs is None:
+        prep.gym_configs = list(gym_configs)  # type: ignore[arg-type]
+    if prep.gym_root is None:
+        from gymtrl.prepare.sources import gym_site_of
+
+        prep.gym_root = gym_site_of(gym_venv)
+    _check_prepare(prep, str(path), text)
+    return prep
+
+
+PREPARE_SOURCE_KINDS = ("path", "hf", "gym_dataset", "reasoning_gym")
+
+
+def _check_prepare(prep: PrepareConfig, source: str, text: str) -> None:
+    from gymtrl.prepare.validate import VERIFIER_FIELDS
+
+    if not prep.sources:
+        raise ConfigError(f"{source}: prepare.sources lists no sources",
+                          hint="add at least one {path: ...}, {hf: ...}, {gym_dataset: ...} or {reasoning_gym: ...}")
+    for i, s in enumerate(prep.sources):
+        key = f"prepare.sources[{i}]"
+        where = _key_line(source, text, ["prepare", "sources"])
+        kinds = [k for k in PREPARE_SOURCE_KINDS if getattr(s, k) is not None]
+        if len(kinds) != 1:
+            raise ConfigError(f"{where}: {key} must have exactly one of {', '.join(PREPARE_SOURCE_KINDS)}"
+                              f" (it has {', '.join(kinds) or 'none'})")
+        if s.ratio is not None and s.count is not None:
+            raise ConfigError(f"{where}: {key} sets both ratio and count; choose one")
+        if s.ratio is not None and s.ratio <= 0:
+            raise ConfigError(f"{where}: {key}.ratio must be > 0, got {s.ratio}")
+        if s.count is not None and s.count < 0:
+            raise ConfigError(f"{where}: {key}.count must be >= 0, got {s.count}")
+        if not 0.0 <= s.validation_fraction < 1.0:
+            raise ConfigError(f"{where}: {key}.validation_fraction must be in [0, 1), got {s.validation_fraction}")
+        if s.env is not None and s.env not in VERIFIER_FIELDS:
+            raise ConfigError(f"{where}: {key}.env '{s.env}' is not one gymtrl knows the verifier fields of",
+                              hint=f"one of {', '.join(VERIFIER_FIELDS)}, or leave it unset")
+        if s.reasoning_gym is not None and (not s.reasoning_gym.tasks or s.reasoning_gym.size < 1):
+            raise ConfigError(f"{where}: {key}.reasoning_gym needs tasks and size >= 1")
+    if prep.max_rows is not None and prep.max_rows < 1:
+        raise ConfigError(f"{source}: prepare.max_rows must be >= 1, got {prep.max_rows}")
 
 
 def read_env_yaml(path: str) -> dict:

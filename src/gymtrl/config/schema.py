@@ -1,7 +1,7 @@
 """The config schema. Every key a user can write is a field here, with its default and meaning.
 
 Sections: model, data, gym, vllm, rollout, sync, grpo (passed through to TRL's GRPOConfig),
-logging, output. The README's config reference is generated from the same field comments.
+rewards, judge, prepare (gymtrl prepare-data), logging, output. The README's config reference is generated from the same field comments.
 """
 
 from __future__ import annotations
@@ -197,6 +197,84 @@ class OutputConfig:
 
 
 @dataclass
+class HFSource:
+    # A dataset repo on the Hugging Face hub, e.g. nvidia/Nemotron-RL-agent-workplace_assistant.
+    repo: str = MISSING
+    # One file of the repo (JSONL or Parquet); without it, the repo's files for `split`.
+    file: Optional[str] = None
+    split: str = "train"
+    revision: Optional[str] = None
+    # Environment variable with a token; not needed for public sets.
+    token_env: str = "HF_TOKEN"
+
+
+@dataclass
+class GymDatasetSource:
+    # A NeMo Gym server config that declares `datasets:` (a path, or relative to the NeMo Gym install).
+    config: str = MISSING
+    # The declared dataset's name or type (train | validation | example).
+    dataset: str = MISSING
+    # Fetch it from the hub (its `huggingface_identifier` / `source`) when the file is not on disk.
+    download: bool = True
+
+
+@dataclass
+class ReasoningGymSource:
+    # reasoning-gym task names, e.g. [mini_sudoku, basic_arithmetic]: several make a composite set.
+    tasks: list[str] = MISSING
+    size: int = 500
+    seed: int = 42
+    # Per-task generator settings: {task_name: {key: value}}.
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PrepareSource:
+    # Label in the report (default: derived from the source).
+    name: Optional[str] = None
+    # Agent instance its rows route to (written as agent_ref). None: the rows' own agent_ref, or
+    # their task_source resolved with NeMo Gym's rule against prepare.gym_configs.
+    agent: Optional[str] = None
+    # Environment whose verifier fields each row must carry (workplace_assistant | reasoning_gym |
+    # mcqa | math_with_judge); None: inferred from the agent's name, else not checked.
+    env: Optional[str] = None
+    # Exactly one of these four.
+    path: Optional[str] = None
+    hf: Optional[HFSource] = None
+    gym_dataset: Optional[GymDatasetSource] = None
+    reasoning_gym: Optional[ReasoningGymSource] = None
+    # Its share of the training set: `ratio` (relative to the other ratio sources) or an exact
+    # `count` (down-sampled, or up-sampled by repeating). Neither: all of its rows.
+    ratio: Optional[float] = None
+    count: Optional[int] = None
+    # Rows held out for validation: a fraction of the source, or a count.
+    validation_fraction: float = 0.0
+    validation_count: Optional[int] = None
+
+
+@dataclass
+class PrepareConfig:
+    sources: list[PrepareSource] = field(default_factory=list)
+    # Where train.jsonl, validation.jsonl and report.json are written.
+    output_dir: str = "data/prepared"
+    seed: int = 0
+    # Most training rows in all (None: no cap). With ratio sources, the training set's size.
+    max_rows: Optional[int] = None
+    # Drop rows whose content repeats an earlier row (in any source).
+    dedupe: bool = True
+    # Stop at the first bad row (default: skip it and count it by reason).
+    strict: bool = False
+    # Tokenizer (hub id or path) for prompt lengths in the report (None: no token counts).
+    tokenizer: Optional[str] = None
+    # NeMo Gym configs that resolve rows' task_source to agents (None: gym.launch.config_paths).
+    gym_configs: Optional[list[str]] = None
+    # The NeMo Gym install (its site-packages) that relative config and data paths resolve under
+    # (None: found in gym.launch.venv).
+    gym_root: Optional[str] = None
+    progress_bar: bool = True
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -209,5 +287,7 @@ class Config:
     grpo: dict[str, Any] = field(default_factory=dict)
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
+    # `gymtrl prepare-data`: builds training/validation JSONL (see gymtrl/prepare/).
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)

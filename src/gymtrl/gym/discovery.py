@@ -81,7 +81,9 @@ def _implementation_block(instance: object, server_type: str) -> dict | None:
     return blocks[0] if blocks else None
 
 
-def topology_from_config(config: dict, head_host: str | None = None) -> GymTopology:
+def topology_from_config(config: dict, head_host: str | None = None, require_address: bool = True) -> GymTopology:
+    """Agents, resources servers and dataset pins of a NeMo Gym config. A running Gym's config has
+    every server's host and port; a config file does not (`require_address=False`: URLs are "")."""
     agents: dict[str, str] = {}
     resources_to_agents: dict[str, list[str]] = {}
     pins: dict[str, str] = {}
@@ -97,13 +99,15 @@ def topology_from_config(config: dict, head_host: str | None = None) -> GymTopol
                     pins[name] = agent.get("name") if isinstance(agent, dict) else str(agent)
             host, port = block.get("host"), block.get("port")
             if host is None or port is None:
-                continue
-            if head_host and str(host) in LOOPBACK:
-                host = head_host
+                if require_address:
+                    continue
+                url = ""
+            else:
+                url = f"http://{head_host if head_host and str(host) in LOOPBACK else host}:{port}"
             if server_type != AGENT_TYPE:
-                resources[name] = f"http://{host}:{port}"
+                resources[name] = url
                 continue
-            agents[name] = f"http://{host}:{port}"
+            agents[name] = url
             res = block.get("resources_server")
             if isinstance(res, dict) and res.get("name"):
                 resources_to_agents.setdefault(str(res["name"]), []).append(name)
