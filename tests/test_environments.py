@@ -82,19 +82,56 @@ def test_rollouts_complete_and_are_scored_by_the_environment(servers, gym_site, 
         assert o.trajectory.num_model_tokens > 0
 
 
-def test_all_four_train_together_from_the_shipped_config(servers, tmp_path):
-    """`gymtrl train --config configs/envs/all_four.yaml`, pointed at the session's servers (and the
-    tiny model) by overrides only: every environment's rows are trained on, and logged apart."""
+@pytest.fixture(scope="module")
+def prepared_all_four(tmp_path_factory):
+    """`gymtrl prepare-data --config configs/envs/all_four.yaml`: NeMo Gym's declared example rows
+    of three environments and reasoning-gym tasks generated here (mini_sudoku, basic_arithmetic)."""
+    out = tmp_path_factory.mktemp("all_four_data")
+    proc = subprocess.run([sys.executable, "-m", "gymtrl.cli", "prepare-data", "--no-progress", "--config",
+                           str(REPO / "configs/envs/all_four.yaml"), f"prepare.output_dir={out}"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
+    return out, rows
+
+
+def test_a_prepared_mix_runs_on_the_real_servers(servers, prepared_all_four):
+    """Every prepared row is accepted by its environment's /run and scored by its verifier, and the
+    generated reasoning-gym rows carry what that verifier needs to tell a right answer from a wrong one."""
+    _, rows = prepared_all_four
+    assert {r["agent_ref"]["name"] for r in rows} == {f"{env}_simple_agent" for env in ENVS}
+    engine = RolloutEngine(discover(servers.head_url), SamplingParams(1.0, 1.0, 16),
+                           FailureLedger(FailureBound(1.0, 100, 1)), 8, 180.0, 0, 0.1)
+    try:
+        outcomes = engine.run(rows)
+    finally:
+        engine.close()
+    assert [(o.env, o.failure, o.detail) for o in outcomes if o.failure] == []
+    assert all(0.0 <= o.reward <= 1.0 for o in outcomes)
+    generated = [r for r in rows if r["agent_ref"]["name"] == "reasoning_gym_simple_agent"]
+    assert {r["metadata"]["source_dataset"] for r in generated} == {"mini_sudoku", "basic_arithmetic"}
+    url = discover(servers.head_url).resources_url_of("reasoning_gym_simple_agent")
+    for row in generated:
+        right, wrong = right_and_wrong("reasoning_gym", row)
+        assert verify(url, row, right)["reward"] == 1.0 and verify(url, row, wrong)["reward"] < 1.0
+
+
+def test_all_four_train_together_from_the_shipped_config(servers, prepared_all_four, tmp_path):
+    """`gymtrl train --config configs/envs/all_four.yaml` on the rows `gymtrl prepare-data` built from
+    the same file, pointed at the session's servers (and the tiny model) by overrides only: every
+    environment's rows are trained on, and logged apart."""
+    out, rows = prepared_all_four
     overrides = [*servers.connect_overrides(), "model.dtype=float32", "vllm.launch.enabled=false",
-                 # One step over all 19 example rows (4 + 5 + 5 + 5), two completions each.
-                 "gym.launch.enabled=false", "grpo.max_steps=1", "grpo.per_device_train_batch_size=38",
+                 # One step over every prepared row, two completions each.
+                 "gym.launch.enabled=false", "grpo.max_steps=1", f"grpo.per_device_train_batch_size={2 * len(rows)}",
                  "grpo.num_generations=2", "grpo.max_completion_length=16", "grpo.save_strategy=no",
-                 "grpo.learning_rate=1e-5", f"output.dir={tmp_path / 'run'}"]
+                 "grpo.learning_rate=1e-5", f"prepare.output_dir={out}", f"output.dir={tmp_path / 'run'}"]
     proc = subprocess.run([sys.executable, "-m", "gymtrl.cli", "train", "--config",
                            str(REPO / "configs/envs/all_four.yaml"), *overrides],
                           capture_output=True, text=True, timeout=900, env=dict(os.environ))
     assert proc.returncode == 0, proc.stderr[-3000:]
     steps = [m for m in read_metrics(tmp_path / "run/metrics.jsonl") if "reward" in m]
     assert len(steps) == 1 and steps[0]["failures/total"] == 0
+    assert steps[0]["rollouts/total"] == 2 * len(rows)
     seen = {key.split("/")[1] for m in steps for key in m if key.startswith("env/") and key.endswith("/reward")}
     assert seen == {f"{env}_simple_agent" for env in ENVS}

@@ -216,8 +216,12 @@ def test_hugging_face_sources_load_through_the_hub_cache_offline(tmp_path, monke
         {"hf": {"repo": "nvidia/Nemotron-RL-agent-workplace_assistant", "file": "train.jsonl"},
          "agent": "workplace_assistant_simple_agent"},
         {"hf": {"repo": "nvidia/Nemotron-RL-knowledge-mcqa", "split": "train"}, "agent": "mcqa_simple_agent"},
-    ])
-    assert [s.train for s in report.sources] == [4, 3]
+        # NeMo Gym declares workplace_assistant's train set with a hub identifier and no file in the
+        # wheel: fetched as NeMo Gym would fetch it (here: found in the cache).
+        {"gym_dataset": {"config": GYM_CONFIGS[0], "dataset": "train"}},
+    ], dedupe=False)
+    assert [s.train for s in report.sources] == [4, 3, 4]
+    assert report.sources[2].label == "workplace_assistant:train"
     assert sorted({r["agent_ref"]["name"] for r in train}) == ["mcqa_simple_agent", "workplace_assistant_simple_agent"]
     with pytest.raises(DataError, match="not in the local Hugging Face cache"):
         run(tmp_path, [{"hf": {"repo": "nvidia/absent", "file": "train.jsonl"}, "agent": "x"}])

@@ -49,7 +49,9 @@ def _fail(e: GymtrlError) -> None:
 def train(
     config: str = typer.Option(..., "--config", "-c", help="YAML config file."),
     overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides, e.g. grpo.max_steps=10"),
-    resume: Optional[str] = typer.Option(None, "--resume", help="Checkpoint directory to resume from."),
+    resume: Optional[str] = typer.Option(
+        None, "--resume", help="auto (the newest complete checkpoint in output.dir; none: start fresh) "
+        "or a checkpoint directory."),
 ) -> None:
     """Train a policy with GRPO on NeMo Gym environments."""
     from gymtrl.config import load_config

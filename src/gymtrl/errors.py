@@ -46,3 +46,9 @@ class WeightSyncError(GymtrlError):
     """The inference server did not take the trainer's weights."""
 
     exit_code = 5
+
+
+class StoppedBySignal(GymtrlError):
+    """SIGTERM/SIGINT (preemption, Ctrl-C): the run saved a checkpoint and stopped."""
+
+    exit_code = 143

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from gymtrl.config import Config, write_resolved_config
 from gymtrl.config.load import export_env_yaml_api_key
-from gymtrl.errors import ConfigError
+from gymtrl.errors import (ConfigError, GymtrlError, RolloutFailureBoundError, ServerError, StoppedBySignal,
+                           WeightSyncError)
 
 
 def build_grpo_config(cfg: Config, strategy: str, cuda: bool):
@@ -48,14 +49,6 @@ def build_grpo_config(cfg: Config, strategy: str, cuda: bool):
         raise ConfigError(f"grpo section rejected by trl.GRPOConfig: {e}") from None
 
 
-def _stop_on_sigterm() -> None:
-    # Preemption (SIGTERM) unwinds like Ctrl-C: servers are stopped by the `with` blocks.
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, handler)
-
-
 class _DropUnscorableSampleDumps(logging.Filter):
     """TRL warns for every step with an excluded rollout and prints that sample's whole row and
     completion. gymtrl already counts and logs each excluded rollout by kind (rollout/failed_*), so
@@ -70,6 +63,7 @@ def train(cfg: Config, resume: str | None = None) -> Path:
     from transformers import AutoTokenizer, TrainerCallback
     from trl import GRPOTrainer
 
+    from gymtrl.checkpoints import GracefulStop, MarkCompleteCheckpoints, resolve_resume, save_now
     from gymtrl.data.read import read_split
     from gymtrl.data.rows import build_split
     from gymtrl.gym.discovery import check_routes, discover
@@ -88,7 +82,8 @@ def train(cfg: Config, resume: str | None = None) -> Path:
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     export_env_yaml_api_key(cfg)
-    _stop_on_sigterm()
+    stopper = GracefulStop()
+    stopper.install()
     out_dir = Path(cfg.output.dir)
     write_resolved_config(cfg, out_dir)
     if cfg.logging.wandb:
@@ -104,6 +99,7 @@ def train(cfg: Config, resume: str | None = None) -> Path:
     cuda = torch.cuda.is_available()
     strategy = choose_strategy(cfg.sync.strategy, cuda)
     args = build_grpo_config(cfg, strategy, cuda)
+    resume = resolve_resume(resume, Path(args.output_dir))  # <output.dir>/checkpoints
 
     # --- servers up, agents found, every row routed ----------------------------------------
     with ServerStack(cfg, out_dir / "logs", nccl=strategy == "nccl") as servers:
@@ -153,14 +149,35 @@ def train(cfg: Config, resume: str | None = None) -> Path:
             eval_dataset=eval_ds,
             processing_class=tokenizer,
             rollout_func=rollout_func,
-            callbacks=[MetricsJsonlWriter(out_dir / "metrics.jsonl"), WatchServers()],
+            callbacks=[MetricsJsonlWriter(out_dir / "metrics.jsonl"), WatchServers(), MarkCompleteCheckpoints(),
+                       stopper],
         )
         try:
             trainer.train(resume_from_checkpoint=resume)
-            final = out_dir / "final"
-            trainer.save_model(str(final))
-            tokenizer.save_pretrained(str(final))
+        except (ServerError, RolloutFailureBoundError, WeightSyncError) as e:
+            raise _with_checkpoint(e, trainer) from None
         finally:
             engine.close()
             control.close()
+        if stopper.signal is not None:
+            path = save_now(trainer)
+            raise StoppedBySignal(
+                f"stopped by {signal.Signals(stopper.signal).name} at step {trainer.state.global_step}; "
+                f"checkpoint: {path}", hint="continue with the same command and --resume auto")
+        final = out_dir / "final"
+        trainer.save_model(str(final))
+        tokenizer.save_pretrained(str(final))
     return final
+
+
+def _with_checkpoint(error: GymtrlError, trainer) -> GymtrlError:
+    """The error, its hint extended by where the last finished step was saved."""
+    try:
+        path = save_now(trainer)
+    except Exception as e:  # the run is already failing: report the save problem, keep the cause
+        note = f"saving a checkpoint failed too ({type(e).__name__}: {e})"
+    else:
+        note = (f"step {trainer.state.global_step} is saved in {path}; continue with --resume auto"
+                if path else "no step had finished, so there is no checkpoint")
+    error.hint = f"{error.hint}; {note}" if error.hint else note
+    return error

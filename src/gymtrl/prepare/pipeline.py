@@ -157,11 +157,12 @@ def dedupe(spools: list[Spool], report: Report) -> list[np.ndarray]:
     _, first = np.unique(hashes, return_index=True)  # index of each value's first occurrence
     unique = np.zeros(len(hashes), dtype=bool)
     unique[first] = True
+    del hashes, first
     keep, start = [], 0
     for stats, n in zip(report.sources, sizes):
         mask = unique[start:start + n]
         stats.duplicates = int(n - mask.sum())
-        keep.append(np.flatnonzero(mask))
+        keep.append(np.flatnonzero(mask).astype(np.int32))
         start += n
     return keep
 
@@ -177,7 +178,7 @@ def select(prep: PrepareConfig, spools: list[Spool], keep: list[np.ndarray],
     pools, held_out, rngs = [], [], []
     for i, (src, idx, stats) in enumerate(zip(prep.sources, keep, report.sources)):
         rng = source_rng(prep.seed, i, stats.label)
-        shuffled = idx[rng.permutation(len(idx))]
+        shuffled = idx[rng.permutation(len(idx)).astype(np.int32)]
         n_val = src.validation_count if src.validation_count is not None else round(src.validation_fraction * len(idx))
         if n_val > len(idx):
             raise DataError(f"source '{stats.label}': validation_count={n_val} but only {len(idx)} rows are left")
@@ -191,11 +192,12 @@ def select(prep: PrepareConfig, spools: list[Spool], keep: list[np.ndarray],
         chosen = sample(pool, k, rngs[i])
         stats.train, stats.validation = len(chosen), len(held_out[i])
         stats.upsampled = k > len(pool)
-        train_parts.append(np.stack([np.full(len(chosen), i), chosen], axis=1))
-        val_parts.append(np.stack([np.full(len(held_out[i]), i), held_out[i]], axis=1))
+        # (source, row) pairs as int32: 8 bytes per output row.
+        train_parts.append(np.stack([np.full(len(chosen), i, np.int32), chosen.astype(np.int32)], axis=1))
+        val_parts.append(np.stack([np.full(len(held_out[i]), i, np.int32), held_out[i].astype(np.int32)], axis=1))
     mixer = np.random.default_rng([prep.seed, 2**31 - 1])
-    train = np.concatenate(train_parts) if train_parts else np.zeros((0, 2), np.int64)
-    validation = np.concatenate(val_parts) if val_parts else np.zeros((0, 2), np.int64)
+    train = np.concatenate(train_parts) if train_parts else np.zeros((0, 2), np.int32)
+    validation = np.concatenate(val_parts) if val_parts else np.zeros((0, 2), np.int32)
     return train[mixer.permutation(len(train))], validation[mixer.permutation(len(validation))]
 
 

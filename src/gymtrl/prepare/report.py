@@ -55,11 +55,12 @@ class Report:
     def summarise(self, spools, train: np.ndarray, validation: np.ndarray) -> None:
         """Per environment (agent): rows in each split and per-row features over the output rows."""
         def column(name: str, pairs: np.ndarray) -> np.ndarray:
-            out = np.zeros(len(pairs), np.int64)
+            out = np.zeros(len(pairs), np.int32)
             for s, spool in enumerate(spools):
                 mask = pairs[:, 0] == s
+                values = getattr(spool, name)
                 if mask.any():
-                    out[mask] = np.array(getattr(spool, name))[pairs[mask, 1]]
+                    out[mask] = np.frombuffer(values, dtype=values.typecode)[pairs[mask, 1]]
             return out
 
         for split, pairs in (("train", train), ("validation", validation)):
