@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import resource
 import subprocess
@@ -96,8 +97,8 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.out:
-        Path(args.out).write_text(f"# prepare-data memory (machine: {resource.getpagesize()}-byte pages, "
-                                  f"{time.strftime('%Y-%m-%d')})\n\n{table}\n")
+        Path(args.out).write_text(f"# prepare-data memory and speed ({os.cpu_count()} CPU cores, "
+                                  f"{time.strftime('%Y-%m-%d')}; `python bench/prepare_memory.py`)\n\n{table}\n")
 
 
 if __name__ == "__main__":
