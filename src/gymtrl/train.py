@@ -133,6 +133,7 @@ def train(cfg: Config, resume: str | None = None) -> Path:
             topo, SamplingParams(args.temperature, args.top_p, args.max_completion_length,
                                  cfg.rollout.lift_tool_constraints), ledger,
             cfg.rollout.max_concurrency, cfg.rollout.timeout_s, cfg.rollout.retries, cfg.rollout.retry_backoff_s,
+            vocab_size=model_vocab_size(cfg),
         )
         placeholder = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
         rollout_func = GymRolloutFunc(engine, store, sync, verifier, placeholder)
@@ -168,6 +169,15 @@ def train(cfg: Config, resume: str | None = None) -> Path:
         trainer.save_model(str(final))
         tokenizer.save_pretrained(str(final))
     return final
+
+
+def model_vocab_size(cfg: Config) -> int | None:
+    """The policy's embedding rows (from its config): token ids beyond it cannot be trained on."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+    text = getattr(config, "text_config", None) or config
+    return getattr(text, "vocab_size", None) or getattr(config, "vocab_size", None)
 
 
 def _with_checkpoint(error: GymtrlError, trainer) -> GymtrlError:

@@ -81,6 +81,10 @@ def _check_keys(data: Any, schema: type, path: list[str], source: str, text: str
                 hint=f"valid keys in '{'.'.join(path) or 'the top level'}': {', '.join(fields)}",
             )
         sub = _schema_type(schema, key)
+        expects_mapping = sub is not None or (key == "grpo" and not path)
+        if expects_mapping and value is not None and not isinstance(value, dict):
+            raise ConfigError(f"{_key_line(source, text, here)}: '{'.'.join(here)}' must be a mapping of keys to "
+                              f"values, got {type(value).__name__} {value!r:.60}")
         if sub is not None:
             _check_keys(value, sub, here, source, text)
         elif key == "grpo" and not path and isinstance(value, dict):
@@ -200,6 +204,8 @@ def _merge(path: str | os.PathLike, overrides: list[str] | None) -> tuple[Any, P
         raise ConfigError(
             f"{_key_line(str(path), text, str(key).split('.'))}: bad value for '{key}': {msg}"
         ) from None
+    except (TypeError, ValueError) as e:  # shapes OmegaConf cannot merge at all (a list for a mapping...)
+        raise ConfigError(f"{path}: the config's structure does not match gymtrl's: {e}") from None
     return merged, path, text
 
 

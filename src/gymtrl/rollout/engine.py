@@ -56,7 +56,7 @@ class SamplingParams:
         return {**row, "responses_create_params": params}
 
 
-def outcome_from_result(env: str, result: RunResult) -> RolloutOutcome:
+def outcome_from_result(env: str, result: RunResult, vocab_size: int | None = None) -> RolloutOutcome:
     if result.failure is not None or result.reply is None:
         return RolloutOutcome(env, None, None, result.failure or FailureKind.INVALID_REPLY, result.detail,
                               result.latency_s, None)
@@ -68,7 +68,7 @@ def outcome_from_result(env: str, result: RunResult) -> RolloutOutcome:
     reward, failure, detail = parse_reward(reply)
     if failure is None:
         try:
-            trajectory = stitch(response_output(reply))
+            trajectory = stitch(response_output(reply), vocab_size)
         except StitchError as e:
             failure, detail = e.kind, e.detail
         else:
@@ -78,8 +78,10 @@ def outcome_from_result(env: str, result: RunResult) -> RolloutOutcome:
 
 class RolloutEngine:
     def __init__(self, topology: GymTopology, sampling: SamplingParams, ledger: FailureLedger,
-                 max_concurrency: int, timeout_s: float, retries: int, retry_backoff_s: float):
+                 max_concurrency: int, timeout_s: float, retries: int, retry_backoff_s: float,
+                 vocab_size: int | None = None):
         self.topology = topology
+        self.vocab_size = vocab_size  # token ids at or above it are refused (malformed_token_ids)
         self.sampling = sampling
         self.ledger = ledger
         self.timeout_s = timeout_s
@@ -100,7 +102,7 @@ class RolloutEngine:
         if env is None:  # checked before training; a row can only get here if the config changed
             return RolloutOutcome("unrouted", None, None, FailureKind.HTTP_ERROR, "row routes to no agent", 0.0, None)
         result = await self._client.run(self.topology.agents[env], self.sampling.apply(row))
-        return outcome_from_result(env, result)
+        return outcome_from_result(env, result, self.vocab_size)
 
     def run(self, rows: list[dict]) -> list[RolloutOutcome]:
         """One outcome per row, in order. Every failure is recorded in the ledger."""

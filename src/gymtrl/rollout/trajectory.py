@@ -40,10 +40,19 @@ class StitchError(Exception):
         self.detail = detail
 
 
-def _int_list(value: Any, name: str, turn: int) -> list[int]:
+def _int_list(value: Any, name: str, turn: int, vocab_size: int | None) -> list[int]:
     if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
         raise StitchError(FailureKind.MALFORMED_TOKEN_IDS, f"turn {turn}: {name} is not a list of ints")
+    # An id outside the vocabulary would crash the trainer's embedding lookup mid-step.
+    bad = next((t for t in value if t < 0 or (vocab_size is not None and t >= vocab_size)), None)
+    if bad is not None:
+        raise StitchError(FailureKind.MALFORMED_TOKEN_IDS,
+                          f"turn {turn}: {name} holds {bad}, outside the vocabulary (0..{vocab_size})")
     return value
+
+
+# Sampling logprobs are <= 0; a little above 0 is float noise. NaN or +inf would make the loss NaN.
+LOGPROB_CEILING = 1e-3
 
 
 def _float_list(value: Any, name: str, turn: int) -> list[float]:
@@ -51,7 +60,11 @@ def _float_list(value: Any, name: str, turn: int) -> list[float]:
         isinstance(t, (int, float)) and not isinstance(t, bool) for t in value
     ):
         raise StitchError(FailureKind.MALFORMED_TOKEN_IDS, f"turn {turn}: {name} is not a list of numbers")
-    return [float(t) for t in value]
+    out = [float(t) for t in value]
+    bad = next((t for t in out if not (t <= LOGPROB_CEILING) or t == float("-inf")), None)
+    if bad is not None:
+        raise StitchError(FailureKind.MALFORMED_TOKEN_IDS, f"turn {turn}: {name} holds {bad}, not a log-probability")
+    return [min(t, 0.0) for t in out]
 
 
 def token_items(output: Any) -> list[dict]:
@@ -70,8 +83,9 @@ def token_items(output: Any) -> list[dict]:
     return items
 
 
-def stitch(output: Any) -> Trajectory:
-    """Stitch `response.output` into one sample; raises StitchError with a failure kind."""
+def stitch(output: Any, vocab_size: int | None = None) -> Trajectory:
+    """Stitch `response.output` into one sample; raises StitchError with a failure kind.
+    With `vocab_size`, token ids outside [0, vocab_size) are refused."""
     items = token_items(output)
     if not items:
         raise StitchError(
@@ -86,8 +100,8 @@ def stitch(output: Any) -> Trajectory:
     spans: list[tuple[int, int]] = []
     seen: list[int] = []
     for turn, item in enumerate(items):
-        p = _int_list(item["prompt_token_ids"], "prompt_token_ids", turn)
-        g = _int_list(item["generation_token_ids"], "generation_token_ids", turn)
+        p = _int_list(item["prompt_token_ids"], "prompt_token_ids", turn, vocab_size)
+        g = _int_list(item["generation_token_ids"], "generation_token_ids", turn, vocab_size)
         lp = _float_list(item.get("generation_log_probs"), "generation_log_probs", turn)
         if len(lp) != len(g):
             raise StitchError(
