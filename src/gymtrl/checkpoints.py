@@ -80,17 +80,25 @@ class MarkCompleteCheckpoints(TrainerCallback):
 
 
 class GracefulStop(TrainerCallback):
-    """First SIGTERM/SIGINT: checkpoint at the end of this step, then stop. Second: stop now."""
+    """First SIGTERM/SIGINT while training: checkpoint at the end of this step, then stop. A second
+    one, or one before training has begun (nothing to save yet), stops at once."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
+        self.training = False
 
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.training = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.training = False
+
     def _handle(self, signum, frame) -> None:
-        if self.signal is not None:
+        if self.signal is not None or not self.training:
             raise KeyboardInterrupt(f"signal {signum}")
         self.signal = signum
         log.warning("received %s: saving a checkpoint at the end of this step, then stopping "

@@ -51,7 +51,7 @@ def build_grpo_config(cfg: Config, strategy: str, cuda: bool):
 
 class _DropUnscorableSampleDumps(logging.Filter):
     """TRL warns for every step with an excluded rollout and prints that sample's whole row and
-    completion. gymtrl already counts and logs each excluded rollout by kind (rollout/failed_*), so
+    completion. gymtrl already counts each excluded rollout by kind (failures/<kind>) and logs a line per batch, so
     the dump is noise that can run to megabytes per step."""
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -72,8 +72,6 @@ def train(cfg: Config, resume: str | None = None) -> Path:
     from gymtrl.rollout.engine import RolloutEngine, SamplingParams
     from gymtrl.rollout.failures import FailureBound, FailureLedger
     from gymtrl.rollout.rollout_func import GymRolloutFunc, make_env_reward
-
-    logging.getLogger("trl.trainer.grpo_trainer").addFilter(_DropUnscorableSampleDumps())
     from gymtrl.servers.stack import ServerStack
     from gymtrl.servers.vllm import served_model_name
     from gymtrl.sync.strategies import NcclSync, ReloadSync, WeightSync, choose_strategy
@@ -81,6 +79,7 @@ def train(cfg: Config, resume: str | None = None) -> Path:
     from gymtrl.sync.vllm_control import VLLMControl
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    logging.getLogger("trl.trainer.grpo_trainer").addFilter(_DropUnscorableSampleDumps())
     export_env_yaml_api_key(cfg)
     stopper = GracefulStop()
     stopper.install()

@@ -268,6 +268,8 @@ def _check_prepare(prep: PrepareConfig, source: str, text: str) -> None:
             raise ConfigError(f"{where}: {key}.ratio must be > 0, got {s.ratio}")
         if s.count is not None and s.count < 0:
             raise ConfigError(f"{where}: {key}.count must be >= 0, got {s.count}")
+        if s.validation_count is not None and s.validation_count < 0:
+            raise ConfigError(f"{where}: {key}.validation_count must be >= 0, got {s.validation_count}")
         if not 0.0 <= s.validation_fraction < 1.0:
             raise ConfigError(f"{where}: {key}.validation_fraction must be in [0, 1), got {s.validation_fraction}")
         if s.env is not None and s.env not in VERIFIER_FIELDS:

@@ -1,7 +1,8 @@
 """The config schema. Every key a user can write is a field here, with its default and meaning.
 
 Sections: model, data, gym, vllm, rollout, sync, grpo (passed through to TRL's GRPOConfig),
-rewards, judge, prepare (gymtrl prepare-data), logging, output. The README's config reference is generated from the same field comments.
+rewards, judge, prepare (gymtrl prepare-data), logging, output. The README's config reference
+follows these field comments (tests/test_config.py checks that it lists every key).
 """
 
 from __future__ import annotations

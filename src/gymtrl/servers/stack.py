@@ -1,8 +1,8 @@
 """The servers a run needs, up and healthy before the first step, and stopped when it ends.
 
-For each of vLLM, NeMo Gym and (judge.server=launch) the judge's vLLM: when `launch.enabled`, gymtrl starts it (both at once), streams its
+For each of vLLM and NeMo Gym: when `launch.enabled`, gymtrl starts it (all at once), streams its
 output to <output>/logs/, and waits for its health endpoint; otherwise it must already answer at
-its configured URL. While training, `check()` notices at once when a launched server has died.
+its configured URL. With judge.server=launch the judge's vLLM is started the same way. While training, `check()` notices at once when a launched server has died.
 """
 
 from __future__ import annotations
