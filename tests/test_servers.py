@@ -99,3 +99,35 @@ def test_weight_sync_is_verified_and_a_stale_server_is_caught(servers, model_and
     finally:
         push(control, model, tmp_path)
     assert verifier.check(model, step=3) < 1e-3
+
+
+def _outward_address() -> str | None:
+    """This machine's address on its default route (no packet is sent), if it has one."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))
+            address = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") else address
+
+
+def test_servers_gymtrl_starts_listen_on_loopback_only(servers):
+    """vLLM, NeMo Gym's head server and every agent and resources server it started answer on
+    127.0.0.1 and refuse connections on the machine's outward address."""
+    import socket
+    from urllib.parse import urlsplit
+
+    outward = _outward_address()
+    if outward is None:
+        pytest.skip("this machine has no address besides loopback")
+    topo = discover(servers.head_url)
+    urls = [servers.vllm_url, servers.head_url, *topo.agents.values(), *topo.resources.values()]
+    ports = sorted({urlsplit(u).port for u in urls})
+    assert len(ports) >= 8  # vLLM, head, and the agents and resources servers of six environments
+    for port in ports:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        with pytest.raises(OSError):
+            socket.create_connection((outward, port), timeout=5).close()
