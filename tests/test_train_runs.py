@@ -94,3 +94,70 @@ output: {{dir: {tmp_path / 'run'}}}
     # and TRL's dump of every unscorable sample's kwargs was kept out of the log.
     assert "rollouts excluded (connection_error@digit_reply_simple_agent" in stderr, stderr[-3000:]
     assert "All reward functions returned None" not in stderr
+
+
+def _pid_listening_as(port: int, marker: str) -> int:
+    """The first process whose command line names `marker` and `--port <port>`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if marker.encode() in b" ".join(argv) and b"--port" in argv and argv[argv.index(b"--port") + 1] == str(port).encode():
+            found.append(int(entry.name))
+    assert found, f"no process with {marker} --port {port}"
+    return min(found)
+
+
+def test_a_launched_vllm_that_dies_mid_run_stops_it_at_once_with_a_checkpoint(servers, tmp_path):
+    """gymtrl launches vLLM and NeMo Gym; vLLM is killed while the run trains. NeMo Gym would retry
+    the vanished server until every rollout's 600 s deadline: instead the run notices the death
+    within seconds, saves its last finished step, and stops with the server's log tail."""
+    vllm_port, head_port = free_port(), free_port()
+    config = tmp_path / "c.yaml"
+    config.write_text(f"""
+model: {{name_or_path: {servers.model}, dtype: float32}}
+data: {{train: [{DIGIT_ROWS}]}}
+gym:
+  head_server_url: http://127.0.0.1:{head_port}
+  launch: {{enabled: true, venv: {os.environ['GYMTRL_GYM_VENV']},
+           config_paths: [responses_api_models/vllm_model/configs/vllm_model_for_training.yaml,
+                          resources_servers/digit_reply/configs/digit_reply.yaml]}}
+vllm:
+  base_url: http://127.0.0.1:{vllm_port}
+  served_model_name: tiny
+  dtype: float32
+  max_model_len: 4096
+  launch: {{enabled: true, venv: {os.environ['GYMTRL_VLLM_VENV']},
+           extra_args: [--enforce-eager, --kv-cache-memory-bytes, "268435456"]}}
+rollout: {{timeout_s: 600}}
+grpo: {{max_steps: 200, per_device_train_batch_size: 8, num_generations: 4, max_completion_length: 8,
+        save_strategy: "no", learning_rate: 1.0e-4}}
+output: {{dir: {tmp_path / 'run'}}}
+""")
+    run = subprocess.Popen([sys.executable, "-m", "gymtrl.cli", "train", "--config", str(config)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run/metrics.jsonl"
+    deadline = time.monotonic() + 600
+    while not (metrics.exists() and metrics.read_text().strip()):
+        assert run.poll() is None, run.communicate()[1][-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    os.killpg(os.getpgid(_pid_listening_as(vllm_port, "serve")), signal.SIGKILL)  # vLLM and its engine
+    killed_at = time.monotonic()
+    _, stderr = run.communicate(timeout=300)
+    stopped_after = time.monotonic() - killed_at
+    print(f"vLLM killed: the run stopped {stopped_after:.1f} s later")
+    assert run.returncode == 3, stderr[-3000:]
+    assert stopped_after < 120  # not the 600 s rollout deadline
+    [line] = [l for l in stderr.splitlines() if l.startswith("gymtrl: error:")]
+    assert "vLLM server exited" in line and "Traceback" not in stderr, stderr[-3000:]
+    saved = [p for p in (tmp_path / "run/checkpoints").glob("checkpoint-*") if (p / "gymtrl-complete.json").exists()]
+    assert saved and "is saved in" in stderr, stderr[-3000:]
+    for port in (vllm_port, head_port):  # everything gymtrl launched is gone
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", port))

@@ -132,7 +132,7 @@ def train(cfg: Config, resume: str | None = None) -> Path:
             topo, SamplingParams(args.temperature, args.top_p, args.max_completion_length,
                                  cfg.rollout.lift_tool_constraints), ledger,
             cfg.rollout.max_concurrency, cfg.rollout.timeout_s, cfg.rollout.retries, cfg.rollout.retry_backoff_s,
-            vocab_size=model_vocab_size(cfg),
+            vocab_size=model_vocab_size(cfg), watch=servers.check,
         )
         placeholder = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
         rollout_func = GymRolloutFunc(engine, store, sync, verifier, placeholder)
@@ -155,7 +155,10 @@ def train(cfg: Config, resume: str | None = None) -> Path:
         try:
             trainer.train(resume_from_checkpoint=resume)
         except (ServerError, RolloutFailureBoundError, WeightSyncError) as e:
-            raise _with_checkpoint(e, trainer) from None
+            # A launched server that died explains the error best (with its log); a request can
+            # fail a moment before its process is seen to exit.
+            died = servers.wait_for_exit(5.0) if isinstance(e, ServerError) else servers.exited()
+            raise _with_checkpoint(died or e, trainer) from None
         finally:
             engine.close()
             control.close()
@@ -181,6 +184,8 @@ def model_vocab_size(cfg: Config) -> int | None:
 
 def _with_checkpoint(error: GymtrlError, trainer) -> GymtrlError:
     """The error, its hint extended by where the last finished step was saved."""
+    from gymtrl.checkpoints import save_now
+
     try:
         path = save_now(trainer)
     except Exception as e:  # the run is already failing: report the save problem, keep the cause

@@ -3,13 +3,20 @@
 TRL calls the rollout function synchronously; the HTTP work is async. The engine owns one event
 loop on a background thread with one long-lived client (connection pool reused across steps), and
 blocks the trainer only until every rollout of the batch has finished or hit its deadline.
+
+While it waits it calls `watch` every second (the launched servers' liveness check): a server that
+dies mid-batch ends the batch at once, instead of leaving every rollout to run into its deadline
+(NeMo Gym's model server retries a vanished vLLM forever).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
+import time
 from dataclasses import dataclass
+from typing import Callable
 
 from gymtrl.gym.client import AgentClient, RunResult, parse_reward, response_output
 from gymtrl.gym.discovery import GymTopology
@@ -79,8 +86,9 @@ def outcome_from_result(env: str, result: RunResult, vocab_size: int | None = No
 class RolloutEngine:
     def __init__(self, topology: GymTopology, sampling: SamplingParams, ledger: FailureLedger,
                  max_concurrency: int, timeout_s: float, retries: int, retry_backoff_s: float,
-                 vocab_size: int | None = None):
+                 vocab_size: int | None = None, watch: Callable[[], None] | None = None):
         self.topology = topology
+        self.watch = watch  # raises (ServerError) when a server this run depends on has died
         self.vocab_size = vocab_size  # token ids at or above it are refused (malformed_token_ids)
         self.sampling = sampling
         self.ledger = ledger
@@ -111,7 +119,22 @@ class RolloutEngine:
             return await asyncio.gather(*(self._run_one(r) for r in rows))
 
         # Each rollout's deadline covers its queueing too, so the batch ends by one deadline (+slack).
-        outcomes = self._submit(run_all(), self.timeout_s + 60.0)
+        future = asyncio.run_coroutine_threadsafe(run_all(), self._loop)
+        deadline = time.monotonic() + self.timeout_s + 60.0
+        while True:
+            try:
+                outcomes = future.result(timeout=1.0)
+                break
+            except concurrent.futures.TimeoutError:
+                if time.monotonic() > deadline:
+                    future.cancel()
+                    raise
+                if self.watch is not None:
+                    try:
+                        self.watch()
+                    except BaseException:
+                        future.cancel()  # the in-flight requests are abandoned with the batch
+                        raise
         for o in outcomes:
             if o.failure is None:
                 self.ledger.record_ok(o.env)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -163,6 +164,23 @@ class ServerStack:
     def check(self) -> None:
         for p in self.processes:
             p.check()
+
+    def exited(self) -> ServerError | None:
+        """The error describing a launched server that has exited, if one has."""
+        try:
+            self.check()
+        except ServerError as e:
+            return e
+        return None
+
+    def wait_for_exit(self, timeout_s: float) -> ServerError | None:
+        """exited(), waiting up to `timeout_s` for a server that is going down to be gone."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            died = self.exited()
+            if died is not None or time.monotonic() >= deadline or not self.processes:
+                return died
+            time.sleep(0.2)
 
     def stop(self) -> None:
         for p in reversed(self.processes):
