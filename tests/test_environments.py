@@ -50,6 +50,16 @@ def right_and_wrong(env, row):
     raise ValueError(env)
 
 
+def run_rollouts(servers, rows, max_tokens):
+    """Every row through the session's NeMo Gym (no failure bound), one outcome each."""
+    engine = RolloutEngine(discover(servers.head_url), SamplingParams(1.0, 1.0, max_tokens),
+                           FailureLedger(FailureBound(1.0, 100, 1)), 8, 180.0, 0, 0.1)
+    try:
+        return engine.run(rows)
+    finally:
+        engine.close()
+
+
 @pytest.mark.parametrize("env", ENVS)
 def test_the_verifier_tells_a_right_answer_from_a_wrong_one(servers, gym_site, env):
     topo = discover(servers.head_url)
@@ -68,13 +78,7 @@ def test_the_verifier_tells_a_right_answer_from_a_wrong_one(servers, gym_site, e
 def test_rollouts_complete_and_are_scored_by_the_environment(servers, gym_site, env):
     """The tiny random model's answers are wrong, but every episode must come back whole, with
     token ids, and a reward from the environment's own verifier."""
-    rows = example_rows(gym_site, env)
-    engine = RolloutEngine(discover(servers.head_url), SamplingParams(1.0, 1.0, 24),
-                           FailureLedger(FailureBound(1.0, 100, 1)), 8, 180.0, 0, 0.1)
-    try:
-        outcomes = engine.run(rows)
-    finally:
-        engine.close()
+    outcomes = run_rollouts(servers, example_rows(gym_site, env), max_tokens=24)
     assert [(o.failure, o.detail) for o in outcomes if o.failure] == []
     for o in outcomes:
         assert o.env == f"{env}_simple_agent" and 0.0 <= o.reward <= 1.0
@@ -100,12 +104,7 @@ def test_a_prepared_mix_runs_on_the_real_servers(servers, prepared_all_four):
     generated reasoning-gym rows carry what that verifier needs to tell a right answer from a wrong one."""
     _, rows = prepared_all_four
     assert {r["agent_ref"]["name"] for r in rows} == {f"{env}_simple_agent" for env in ENVS}
-    engine = RolloutEngine(discover(servers.head_url), SamplingParams(1.0, 1.0, 16),
-                           FailureLedger(FailureBound(1.0, 100, 1)), 8, 180.0, 0, 0.1)
-    try:
-        outcomes = engine.run(rows)
-    finally:
-        engine.close()
+    outcomes = run_rollouts(servers, rows, max_tokens=16)
     assert [(o.env, o.failure, o.detail) for o in outcomes if o.failure] == []
     assert all(0.0 <= o.reward <= 1.0 for o in outcomes)
     generated = [r for r in rows if r["agent_ref"]["name"] == "reasoning_gym_simple_agent"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from gymtrl.errors import DataError
 
@@ -42,28 +43,36 @@ def assign_agent(row: dict, agent: str, where: str) -> dict:
     return {**row, "agent_ref": {"type": "responses_api_agents", "name": agent}}
 
 
-def read_jsonl(path: str | Path, max_rows: int | None = None, agent: str | None = None) -> list[DatasetRow]:
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"dataset file not found: {path}", hint="check data.train / data.eval in the config")
-    rows: list[DatasetRow] = []
+def iter_jsonl(path: Path) -> Iterator[tuple[str, object, str | None]]:
+    """(where, parsed object, None) or (where, None, error) for each non-blank line of a JSONL file."""
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
             try:
                 line = raw.decode("utf-8").strip()
             except UnicodeDecodeError:
-                raise DataError(f"{where}: line is not valid UTF-8") from None
+                yield where, None, "line is not valid UTF-8"
+                continue
             if not line:
                 continue
             try:
-                obj = json.loads(line)
+                yield where, json.loads(line), None
             except json.JSONDecodeError as e:
-                raise DataError(f"{where}: malformed JSON: {e.msg} (column {e.colno})") from None
-            row = check_row(obj, where)
-            rows.append(DatasetRow(assign_agent(row, agent, where) if agent else row, where))
-            if max_rows is not None and len(rows) >= max_rows:
-                break
+                yield where, None, f"malformed JSON: {e.msg} (column {e.colno})"
+
+
+def read_jsonl(path: str | Path, max_rows: int | None = None, agent: str | None = None) -> list[DatasetRow]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"dataset file not found: {path}", hint="check data.train / data.eval in the config")
+    rows: list[DatasetRow] = []
+    for where, obj, error in iter_jsonl(path):
+        if error is not None:
+            raise DataError(f"{where}: {error}")
+        row = check_row(obj, where)
+        rows.append(DatasetRow(assign_agent(row, agent, where) if agent else row, where))
+        if max_rows is not None and len(rows) >= max_rows:
+            break
     if not rows:
         raise DataError(f"{path}: no rows", hint="the file is empty or holds only blank lines")
     return rows

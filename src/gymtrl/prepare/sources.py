@@ -18,6 +18,7 @@ from typing import Iterator
 import yaml
 
 from gymtrl.config.schema import GymDatasetSource, HFSource, PrepareSource, ReasoningGymSource
+from gymtrl.data.read import iter_jsonl
 from gymtrl.errors import DataError
 
 AGENT_TYPE = "responses_api_agents"
@@ -72,20 +73,8 @@ def file_rows(path: Path, label: str) -> Iterator[RawRow]:
     if path.suffix == ".parquet":
         yield from parquet_rows(path, label)
         return
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8").strip()
-            except UnicodeDecodeError:
-                yield RawRow(where, error="malformed_json: the line is not valid UTF-8")
-                continue
-            if not line:
-                continue
-            try:
-                yield RawRow(where, json.loads(line))
-            except json.JSONDecodeError as e:
-                yield RawRow(where, error=f"malformed_json: {e.msg} (column {e.colno})")
+    for where, obj, error in iter_jsonl(path):
+        yield RawRow(where, obj, f"malformed_json: {error}" if error else None)
 
 
 def parquet_rows(path: Path, label: str) -> Iterator[RawRow]:
