@@ -168,7 +168,7 @@ def dedupe(spools: list[Spool], report: Report) -> list[np.ndarray]:
 
 
 def source_rng(seed: int, i: int, label: str) -> np.random.Generator:
-    # Keyed by position and label, so adding a source does not reshuffle the others.
+    # Keyed by position and label: a source added at the end leaves the others' shuffles as they were.
     return np.random.default_rng([seed, i, zlib.crc32(label.encode())])
 
 
