@@ -169,3 +169,17 @@ def test_a_separate_judge_must_be_a_separate_server(tmp_path):
         load_config(p, ["judge.server=launch", "judge.model=j", "judge.base_url=http://127.0.0.1:8001"])
     cfg = load_config(p, ["judge.server=url", "judge.base_url=http://judge:9000", "judge.model=j"])
     assert cfg.judge.resources_servers == ["math_with_judge"]
+
+
+def test_the_distributed_watchdog_outlasts_a_rollout_batch(tmp_path, caplog):
+    """Ranks wait for each other after every batch, and a batch may take rollout.timeout_s (+60 s):
+    ddp_timeout is raised to twice that when episodes are long, and a shorter one set by hand is
+    reported."""
+    from gymtrl.train import build_grpo_config
+
+    p = write(tmp_path, GOOD)
+    assert build_grpo_config(load_config(p), "reload", cuda=False).ddp_timeout == 1800  # torch's default
+    assert build_grpo_config(load_config(p, ["rollout.timeout_s=3000"]), "reload", cuda=False).ddp_timeout == 6120
+    with caplog.at_level("WARNING"):
+        args = build_grpo_config(load_config(p, ["grpo.ddp_timeout=300"]), "reload", cuda=False)
+    assert args.ddp_timeout == 300 and "grpo.ddp_timeout=300s is shorter" in caplog.text

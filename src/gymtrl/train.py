@@ -13,6 +13,7 @@ import signal
 from pathlib import Path
 
 from gymtrl.config import Config, write_resolved_config
+from gymtrl.rollout.engine import ROLLOUT_BATCH_SLACK_S
 from gymtrl.config.load import export_env_yaml_api_key
 from gymtrl.errors import (ConfigError, GymtrlError, RolloutFailureBoundError, ServerError, StoppedBySignal,
                            WeightSyncError)
@@ -36,7 +37,17 @@ def build_grpo_config(cfg: Config, strategy: str, cuda: bool):
         kwargs.update(use_cpu=True, bf16=False)
     if cfg.model.dtype != "auto":
         kwargs["model_init_kwargs"] = {"dtype": cfg.model.dtype}
+    # Ranks meet in collectives after every batch, and one rank's rollouts may take the whole batch
+    # deadline while the others wait: torch's default watchdog (1800 s) would kill a run whose
+    # episodes are long. It gets at least twice the batch deadline.
+    batch_deadline_s = cfg.rollout.timeout_s + ROLLOUT_BATCH_SLACK_S
+    kwargs["ddp_timeout"] = max(1800, int(2 * batch_deadline_s))
     kwargs.update(cfg.grpo)
+    if kwargs["ddp_timeout"] < batch_deadline_s:
+        logging.getLogger(__name__).warning(
+            "grpo.ddp_timeout=%ss is shorter than a rollout batch may take (rollout.timeout_s + %ss): with "
+            "several processes a long batch would trip the distributed watchdog", kwargs["ddp_timeout"],
+            ROLLOUT_BATCH_SLACK_S)
     kwargs["output_dir"] = str(out_dir / "checkpoints")
     kwargs["reward_weights"] = [cfg.rewards.env_weight] + [f.weight for f in cfg.rewards.functions]
     if strategy == "nccl":

@@ -24,6 +24,10 @@ from gymtrl.rollout.failures import FailureKind, FailureLedger
 from gymtrl.rollout.trajectory import StitchError, Trajectory, stitch, token_items
 
 
+# A batch ends at most this long after its rollouts' own deadline (rollout.timeout_s).
+ROLLOUT_BATCH_SLACK_S = 60.0
+
+
 @dataclass
 class RolloutOutcome:
     env: str  # the agent instance the row was routed to
@@ -120,7 +124,7 @@ class RolloutEngine:
 
         # Each rollout's deadline covers its queueing too, so the batch ends by one deadline (+slack).
         future = asyncio.run_coroutine_threadsafe(run_all(), self._loop)
-        deadline = time.monotonic() + self.timeout_s + 60.0
+        deadline = time.monotonic() + self.timeout_s + ROLLOUT_BATCH_SLACK_S
         while True:
             try:
                 outcomes = future.result(timeout=1.0)
