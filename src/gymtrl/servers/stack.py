@@ -113,12 +113,15 @@ class ServerStack:
         else:
             wait_ready(cfg.gym.head_server_url, 120.0, unreachable_after_s=3.0)
 
-    def _check_served_model(self) -> None:
-        control = VLLMControl(self.cfg.vllm.base_url, self.cfg.vllm.request_timeout_s, self.cfg.vllm.api_key_env)
+    def _served_models(self, url: str, api_key_env: str) -> list[str]:
+        control = VLLMControl(url, self.cfg.vllm.request_timeout_s, api_key_env)
         try:
-            served = control.served_models()
+            return control.served_models()
         finally:
             control.close()
+
+    def _check_served_model(self) -> None:
+        served = self._served_models(self.cfg.vllm.base_url, self.cfg.vllm.api_key_env)
         want = served_model_name(self.cfg)
         if want not in served:
             raise ServerError(
@@ -130,14 +133,11 @@ class ServerStack:
         """The judge answers and serves judge.model: found now rather than at the first judged answer."""
         judge = self.cfg.judge
         url = server_root(judge.base_url)  # type: ignore[arg-type]
-        control = VLLMControl(url, self.cfg.vllm.request_timeout_s, judge.api_key_env)
         try:
-            served = control.served_models()
+            served = self._served_models(url, judge.api_key_env)
         except ServerError as e:
             raise ServerError(f"no judge answers at judge.base_url={url}: {e.message}",
                               hint="start it, or fix judge.base_url / judge.api_key_env") from None
-        finally:
-            control.close()
         if judge.model in served:
             log.info("LLM judge: %s at %s for %s", judge.model, url, ", ".join(judge.resources_servers))
         elif launched:
