@@ -35,6 +35,8 @@ class FaultInjectingAgentServer:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as Gym's servers: a client that pools connections keeps them open
+
             def log_message(self, *args):  # keep test output quiet
                 pass
 
@@ -48,6 +50,12 @@ class FaultInjectingAgentServer:
                     return self._send(200, json.dumps(good_reply()), {"Set-Cookie": "session=rollout-1; Path=/"})
                 if fault == "hang":
                     time.sleep(outer.hang_s)
+                if fault == "slow":  # slow, but inside the deadline
+                    time.sleep(1.0)
+                if fault == "slowdrip":  # a byte at a time: no single read ever times out
+                    return self._drip(json.dumps(good_reply()).encode())
+                if fault == "badshape":  # valid JSON, wrong schema: output is not a list of items
+                    return self._send(200, json.dumps({"response": {"output": "oops"}, "reward": 1.0}))
                 if fault == "http500":
                     return self._send(500, json.dumps("Hit an exception in SimpleAgent calling an inner server"))
                 if fault == "flaky500" and outer.calls[fault] == 1:
@@ -71,6 +79,19 @@ class FaultInjectingAgentServer:
                     return self._send(200, json.dumps(good_reply(output=[{"type": "message", "content": []}])))
                 return self._send(200, json.dumps(good_reply()))
 
+            def _drip(self, data: bytes):
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                try:
+                    for i in range(len(data)):
+                        self.wfile.write(data[i:i + 1])
+                        self.wfile.flush()
+                        time.sleep(0.3)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
             def _send(self, code, body, headers=None):
                 data = body.encode()
                 self.send_response(code)
@@ -84,7 +105,10 @@ class FaultInjectingAgentServer:
                 except BrokenPipeError:
                     pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            request_queue_size = 256  # the default backlog of 5 refuses a burst of connections
+
+        self.server = Server(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)

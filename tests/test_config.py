@@ -183,3 +183,49 @@ def test_the_distributed_watchdog_outlasts_a_rollout_batch(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         args = build_grpo_config(load_config(p, ["grpo.ddp_timeout=300"]), "reload", cuda=False)
     assert args.ddp_timeout == 300 and "grpo.ddp_timeout=300s is shorter" in caplog.text
+
+
+def test_launched_gym_has_room_for_every_rollout_in_flight(tmp_path):
+    """NeMo Gym caps a server's connections to one host at 1,024: past that, gymtrl raises the cap
+    to rollout.max_concurrency when it launches Gym (a user's own gym.launch.overrides still win)."""
+    from gymtrl.servers.gym import gym_command
+
+    p = write(tmp_path, GOOD + "gym: {launch: {enabled: true, venv: /v, config_paths: [x.yaml]}}\n")
+
+    def sets(*overrides):
+        cmd = gym_command(load_config(p, list(overrides)), tmp_path / "logs")
+        return [cmd[i + 1] for i, a in enumerate(cmd) if a == "--set"]
+
+    assert not any("global_aiohttp" in s for s in sets())
+    assert "global_aiohttp_connector_limit_per_host=4000" in sets("rollout.max_concurrency=4000")
+    mine = sets("rollout.max_concurrency=4000", "gym.launch.overrides.global_aiohttp_connector_limit_per_host=9000")
+    assert "global_aiohttp_connector_limit_per_host=9000" in mine
+    assert "global_aiohttp_connector_limit_per_host=4000" not in mine
+
+
+OPEN_FILES_PROBE = """
+import logging, resource, sys
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+from gymtrl.rollout.fd_limit import ensure_open_files
+resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[1]), int(sys.argv[2])))
+print("soft", ensure_open_files(int(sys.argv[3])), resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+"""
+
+
+@pytest.mark.parametrize("soft,hard,concurrency,expected,warns", [
+    (256, 20000, 2000, 7024, False),  # raised to what 2,000 rollouts need
+    (256, 512, 2000, 512, True),  # raised to the hard limit, and the user is told
+    (8192, 20000, 64, 8192, False),  # already enough: left alone
+])
+def test_the_open_file_limit_makes_room_for_the_rollouts_in_flight(soft, hard, concurrency, expected, warns):
+    import subprocess
+    import sys
+
+    _, real_hard = __import__("resource").getrlimit(__import__("resource").RLIMIT_NOFILE)
+    if real_hard != -1 and real_hard < hard:
+        pytest.skip(f"this machine's hard open-file limit is {real_hard}")
+    proc = subprocess.run([sys.executable, "-c", OPEN_FILES_PROBE, str(soft), str(hard), str(concurrency)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert f"soft {expected} {expected}" in proc.stdout
+    assert ("Too many open files" in proc.stderr) == warns, proc.stderr

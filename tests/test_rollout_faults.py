@@ -2,20 +2,25 @@
 client retries what is worth retrying and never waits past the deadline. Faults come from
 FaultInjectingAgentServer (a deliberate fake); the engine, client and ledger are the real ones."""
 
+import os
 import time
+from pathlib import Path
 
 import pytest
 
 from fault_agents import FaultInjectingAgentServer
 from gymtrl.errors import RolloutFailureBoundError
+from gymtrl.gym.client import POOL_SHARD_CONNECTIONS
 from gymtrl.gym.discovery import GymTopology
 from gymtrl.rollout.engine import RolloutEngine, SamplingParams
 from gymtrl.rollout.failures import FailureBound, FailureKind, FailureLedger
 from gymtrl.rollout.rollout_func import to_trl_batch
 
-FAULTS = ["setcookie", "ok", "http500", "flaky500", "hang", "notjson", "truncated", "noreward", "masked", "judgedown", "mismatch", "notokens"]
+FAULTS = ["setcookie", "ok", "slow", "http500", "flaky500", "hang", "slowdrip", "notjson", "truncated", "badshape",
+          "noreward", "masked", "judgedown", "mismatch", "notokens"]
 EXPECTED = {
-    "setcookie": None, "ok": None, "flaky500": None, "http500": FailureKind.HTTP_ERROR, "hang": FailureKind.TIMEOUT,
+    "setcookie": None, "ok": None, "slow": None, "flaky500": None, "http500": FailureKind.HTTP_ERROR,
+    "hang": FailureKind.TIMEOUT, "slowdrip": FailureKind.TIMEOUT, "badshape": FailureKind.INVALID_REPLY,
     "notjson": FailureKind.INVALID_REPLY, "truncated": FailureKind.INVALID_REPLY,
     "noreward": FailureKind.MISSING_REWARD, "masked": FailureKind.MASK_SAMPLE, "judgedown": FailureKind.JUDGE_FAILED,
     "mismatch": FailureKind.PREFIX_MISMATCH, "notokens": FailureKind.MISSING_TOKEN_IDS,
@@ -47,7 +52,7 @@ def test_each_fault_is_counted_under_its_kind(agents):
         elapsed = time.monotonic() - start
     finally:
         engine.close()
-    assert elapsed < 10, "the hanging rollout must be cut at its 2 s deadline"
+    assert elapsed < 10, "the hanging and the dripping rollouts must be cut at their 2 s deadline"
     for fault, o in zip(FAULTS, outcomes):
         assert o.env == fault
         assert o.failure is EXPECTED[fault], (fault, o.detail)
@@ -105,3 +110,37 @@ def test_no_cookie_travels_between_rollouts(agents):
     finally:
         engine.close()
     assert agents.cookies_seen == [None, None, None]
+
+
+def open_sockets() -> int:
+    fd_dir = Path("/proc/self/fd")
+    count = 0
+    for fd in fd_dir.iterdir():
+        try:
+            count += os.readlink(fd).startswith("socket:")
+        except OSError:
+            pass
+    return count
+
+
+def test_a_batch_of_many_rollouts_leaves_no_connection_open(agents):
+    """Rollouts spread over several connection pools (more in flight than one pool holds); every
+    one completes, and once the batch is over, every socket the client opened is closed again."""
+    ledger = FailureLedger(FailureBound(max_rate=1.0, window=1000, min_rollouts=1))
+    n = 3 * POOL_SHARD_CONNECTIONS + 5
+    engine = RolloutEngine(GymTopology({"ok": f"{agents.url}/ok"}), SamplingParams(1.0, 1.0, 16), ledger,
+                           max_concurrency=n, timeout_s=60.0, retries=0, retry_backoff_s=0.05)
+    try:
+        before = open_sockets()
+        for _ in range(2):
+            outcomes = engine.run([row("ok") for _ in range(n)])
+            assert [o.failure for o in outcomes] == [None] * n
+            # The client's sockets close with the batch; the fault server's handler threads (in this
+            # process too) close their ends as they see the EOF.
+            deadline = time.monotonic() + 10
+            while open_sockets() != before and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert open_sockets() == before
+    finally:
+        engine.close()
+    assert agents.calls["ok"] == 2 * n

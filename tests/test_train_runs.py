@@ -161,3 +161,72 @@ output: {{dir: {tmp_path / 'run'}}}
         with socket.socket() as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(("127.0.0.1", port))
+
+
+def _group_of_process_naming(*markers: str) -> int:
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+            except OSError:
+                continue
+            if all(m.encode() in argv for m in markers):
+                return os.getpgid(int(entry.name))
+    raise AssertionError(f"no process naming {markers}")
+
+
+def _wait_for_metric(path: Path, run: subprocess.Popen, ok, timeout_s: float = 600) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not (path.exists() and any(ok(m) for m in read_metrics(path))):
+        assert run.poll() is None, run.communicate()[1][-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+
+
+def test_with_restart_on_a_launched_server_exit_the_run_survives_vllm_and_gym_dying(servers, tmp_path):
+    """supervision.on_server_exit=restart: vLLM is killed after the first step, NeMo Gym after the
+    next; each is started again, the batch in flight is run again, the new vLLM is given the
+    trained weights (checked every step), and the run finishes every step."""
+    vllm_port, head_port = free_port(), free_port()
+    config = tmp_path / "c.yaml"
+    config.write_text(f"""
+model: {{name_or_path: {servers.model}, dtype: float32}}
+data: {{train: [{DIGIT_ROWS}]}}
+gym:
+  head_server_url: http://127.0.0.1:{head_port}
+  launch: {{enabled: true, venv: {os.environ['GYMTRL_GYM_VENV']},
+           config_paths: [responses_api_models/vllm_model/configs/vllm_model_for_training.yaml,
+                          resources_servers/digit_reply/configs/digit_reply.yaml]}}
+vllm:
+  base_url: http://127.0.0.1:{vllm_port}
+  served_model_name: tiny
+  dtype: float32
+  max_model_len: 4096
+  launch: {{enabled: true, venv: {os.environ['GYMTRL_VLLM_VENV']},
+           extra_args: [--enforce-eager, --kv-cache-memory-bytes, "268435456"]}}
+supervision: {{on_server_exit: restart, max_restarts: 2}}
+grpo: {{max_steps: 6, per_device_train_batch_size: 8, num_generations: 4, max_completion_length: 8,
+        save_strategy: "no", learning_rate: 1.0e-3}}
+output: {{dir: {tmp_path / 'run'}}}
+""")
+    run = subprocess.Popen([sys.executable, "-m", "gymtrl.cli", "train", "--config", str(config)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run/metrics.jsonl"
+    try:
+        _wait_for_metric(metrics, run, lambda m: "reward" in m)
+        os.killpg(os.getpgid(_pid_listening_as(vllm_port, "serve")), signal.SIGKILL)
+        _wait_for_metric(metrics, run, lambda m: m.get("servers/restarts") == 1)
+        os.killpg(_group_of_process_naming("gym_launcher.py", str(head_port)), signal.SIGKILL)
+        _, stderr = run.communicate(timeout=900)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 0, stderr[-3000:]
+    steps = [m for m in read_metrics(metrics) if "reward" in m]
+    assert len(steps) == 6 and steps[-1]["servers/restarts"] == 2
+    # Every step's weights were checked on the server, the ones after the restarts included.
+    assert all(m["sync/verify_max_logprob_diff"] < 1e-3 for m in steps)
+    assert all(m["failures/total"] == 0 for m in steps), "the abandoned batches were run again, not dropped"
+    assert "restarting it (restart 1 of at most 2)" in stderr and "vLLM server exited" in stderr
+    assert "restarting it (restart 2 of at most 2)" in stderr and "NeMo Gym servers exited" in stderr
+    assert "Traceback" not in stderr

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from gymtrl.config import Config, write_resolved_config
 from gymtrl.rollout.engine import ROLLOUT_BATCH_SLACK_S
+from gymtrl.rollout.fd_limit import ensure_open_files
+from gymtrl.servers.supervisor import Supervisor
 from gymtrl.config.load import export_env_yaml_api_key
 from gymtrl.errors import (ConfigError, GymtrlError, RolloutFailureBoundError, ServerError, StoppedBySignal,
                            WeightSyncError)
@@ -112,6 +114,7 @@ def train(cfg: Config, resume: str | None = None) -> Path:
     resume = resolve_resume(resume, Path(args.output_dir))  # <output.dir>/checkpoints
 
     # --- servers up, agents found, every row routed ----------------------------------------
+    ensure_open_files(cfg.rollout.max_concurrency)  # before launching: the servers inherit it
     with ServerStack(cfg, out_dir / "logs", nccl=strategy == "nccl") as servers:
         topo = discover(cfg.gym.head_server_url, cfg.gym.rewrite_loopback_hosts)
         check_routes(train_rows + eval_rows, topo)
@@ -137,20 +140,23 @@ def train(cfg: Config, resume: str | None = None) -> Path:
                 tol = default_tolerance("float32" if dtypes == {"float32"} else "mixed")
             verifier = SyncVerifier(control, served_model_name(cfg), probe_token_ids(tokenizer), tol)
 
+        supervisor = Supervisor(servers, cfg.supervision.on_server_exit, cfg.supervision.max_restarts,
+                                can_resync_vllm=strategy != "nccl")
         ledger = FailureLedger(FailureBound(cfg.rollout.max_failure_rate, cfg.rollout.failure_window,
                                             cfg.rollout.failure_min_rollouts))
         engine = RolloutEngine(
             topo, SamplingParams(args.temperature, args.top_p, args.max_completion_length,
                                  cfg.rollout.lift_tool_constraints), ledger,
             cfg.rollout.max_concurrency, cfg.rollout.timeout_s, cfg.rollout.retries, cfg.rollout.retry_backoff_s,
-            vocab_size=model_vocab_size(cfg), watch=servers.check,
+            vocab_size=model_vocab_size(cfg), watch=supervisor.watch,
         )
         placeholder = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
-        rollout_func = GymRolloutFunc(engine, store, sync, verifier, placeholder)
+        rollout_func = GymRolloutFunc(engine, store, sync, verifier, placeholder, supervisor,
+                                      rediscover=lambda: discover(cfg.gym.head_server_url, cfg.gym.rewrite_loopback_hosts))
 
         class WatchServers(TrainerCallback):
             def on_step_end(self, *a, **k):
-                servers.check()  # a dead launched server stops the run at once, with its log tail
+                supervisor.check()  # a launched server that exited: restarted, or the run stops with its log tail
 
         trainer = GRPOTrainer(
             model=cfg.model.name_or_path,

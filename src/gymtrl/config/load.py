@@ -150,8 +150,8 @@ def _parse_overrides(overrides: list[str]) -> dict:
         dotlist.append(f"{key}='{value}'" if value.lower() in YAML11_BOOL_WORDS else item)
     try:
         return OmegaConf.to_container(OmegaConf.from_dotlist(dotlist), resolve=False)  # type: ignore[return-value]
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"cannot parse overrides {overrides}: {e}") from None
+    except (OmegaConfBaseException, yaml.YAMLError) as e:  # OmegaConf parses values as YAML
+        raise ConfigError(f"cannot parse overrides {overrides}: {str(e).splitlines()[0]}") from None
 
 
 def _missing_keys(cfg: Any, prefix: str = "") -> list[str]:
@@ -346,6 +346,10 @@ def _check_values(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: rollout.max_concurrency >= 1, rollout.timeout_s > 0 and rollout.retries >= 0 are required")
     if not 0.0 <= r.max_failure_rate <= 1.0:
         raise ConfigError(f"{source}: rollout.max_failure_rate must be between 0 and 1, got {r.max_failure_rate}")
+    sup = cfg.supervision
+    if sup.on_server_exit not in ("stop", "restart") or sup.max_restarts < 0:
+        raise ConfigError(f"{source}: supervision.on_server_exit must be stop or restart (got '{sup.on_server_exit}'), "
+                          f"and supervision.max_restarts >= 0 (got {sup.max_restarts})")
     j = cfg.judge
     if j.server not in JUDGE_SERVERS:
         raise ConfigError(f"{source}: judge.server must be one of {', '.join(JUDGE_SERVERS)}, got '{j.server}'")

@@ -118,6 +118,15 @@ class RolloutConfig:
 
 
 @dataclass
+class SupervisionConfig:
+    # When a server gymtrl launched exits mid-run: stop (save the last finished step and stop with
+    # its log tail) | restart (start it again, re-sync the weights to a new vLLM, redo the batch).
+    on_server_exit: str = "stop"
+    # Restarts allowed in one run, all servers together; one more exit then stops the run.
+    max_restarts: int = 3
+
+
+@dataclass
 class SyncConfig:
     # How new weights reach vLLM after each optimizer step:
     # auto (nccl when training on CUDA, else reload) | nccl | reload | none (never syncs: debugging only).
@@ -283,6 +292,7 @@ class Config:
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
+    supervision: SupervisionConfig = field(default_factory=SupervisionConfig)
     # Passed to trl.GRPOConfig (validated against its real fields). temperature, top_p and
     # max_completion_length also become the rollouts' sampling settings.
     grpo: dict[str, Any] = field(default_factory=dict)

@@ -37,6 +37,19 @@ def _no_cookies() -> http.cookiejar.CookieJar:
     return http.cookiejar.CookieJar(policy=http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
 
 
+# httpcore's connection pool rescans all its connections on every request and every release
+# (encode/httpx#3215, encode/httpcore#1035): one pool of 1,000 connections spent 85% of gymtrl's CPU
+# there. Rollouts are spread over pools of at most this many connections instead, so the cost per
+# rollout stays flat as concurrency grows (bench/results/rollout_load.md).
+POOL_SHARD_CONNECTIONS = 16
+
+
+class _PoolShard:
+    def __init__(self, client: httpx.AsyncClient):
+        self.client = client
+        self.in_flight = 0
+
+
 class AgentClient:
     def __init__(
         self,
@@ -50,15 +63,41 @@ class AgentClient:
         self.retries = retries
         self.retry_backoff_s = retry_backoff_s
         self._sem = asyncio.Semaphore(max_concurrency)
-        self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
-            limits=httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency),
-            cookies=_no_cookies(),
-            trust_env=False,
-        )
+        self._timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s)
+        self._shards: list[_PoolShard] = []
+        self._ssl = None  # one TLS context for all shards (building one costs ~20 ms)
+
+    def _new_shard(self) -> _PoolShard:
+        if self._ssl is None:
+            self._ssl = httpx.create_ssl_context()
+        n = POOL_SHARD_CONNECTIONS
+        shard = _PoolShard(httpx.AsyncClient(
+            timeout=self._timeout, verify=self._ssl, cookies=_no_cookies(), trust_env=False,
+            limits=httpx.Limits(max_connections=n, max_keepalive_connections=n),
+        ))
+        self._shards.append(shard)
+        return shard
+
+    def _acquire_shard(self) -> _PoolShard:
+        """A pool with a free connection slot (the semaphore bounds the total), created when all are full."""
+        for shard in self._shards:
+            if shard.in_flight < POOL_SHARD_CONNECTIONS:
+                break
+        else:
+            shard = self._new_shard()
+        shard.in_flight += 1
+        return shard
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        shards, self._shards = self._shards, []
+        for shard in shards:
+            await shard.client.aclose()
+
+    async def __aenter__(self) -> "AgentClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
 
     async def run(self, agent_url: str, row: dict) -> RunResult:
         """POST the row to `{agent_url}/run`; the deadline covers queueing, all attempts and backoff."""
@@ -67,18 +106,22 @@ class AgentClient:
         try:
             async with asyncio.timeout(self.timeout_s):
                 async with self._sem:
-                    reply, failure, detail = await self._run_with_retries(agent_url, row, attempts)
+                    shard = self._acquire_shard()
+                    try:
+                        reply, failure, detail = await self._run_with_retries(shard.client, agent_url, row, attempts)
+                    finally:
+                        shard.in_flight -= 1
         except TimeoutError:
             reply, failure, detail = None, FailureKind.TIMEOUT, f"no reply within {self.timeout_s:g}s"
         return RunResult(reply, failure, detail, time.monotonic() - start, attempts[0])
 
-    async def _run_with_retries(self, url: str, row: dict, attempts: list[int]):
+    async def _run_with_retries(self, client: httpx.AsyncClient, url: str, row: dict, attempts: list[int]):
         delay = self.retry_backoff_s
         while True:
             attempts[0] += 1
             retryable = False
             try:
-                resp = await self._client.post(f"{url.rstrip('/')}/run", json=row)
+                resp = await client.post(f"{url.rstrip('/')}/run", json=row)
             except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as e:
                 failure, detail, retryable = FailureKind.CONNECTION_ERROR, f"{type(e).__name__}: {e}", True
             except httpx.TimeoutException as e:

@@ -1,8 +1,14 @@
 """Run a batch of rollouts against NeMo Gym agents and turn each reply into an outcome.
 
 TRL calls the rollout function synchronously; the HTTP work is async. The engine owns one event
-loop on a background thread with one long-lived client (connection pool reused across steps), and
-blocks the trainer only until every rollout of the batch has finished or hit its deadline.
+loop on a background thread and blocks the trainer only until every rollout of the batch has
+finished or hit its deadline.
+
+Each batch gets its own HTTP client, closed when the batch ends. Between batches the trainer
+trains for seconds to minutes, longer than any keep-alive is worth, and a pool kept across steps
+would hold up to rollout.max_concurrency idle sockets (and as many on the agent's side) for nothing:
+with thousands of rollouts in flight that is thousands of file descriptors. Opening a loopback
+connection costs well under a millisecond (bench/results/rollout_load.md).
 
 While it waits it calls `watch` every second (the launched servers' liveness check): a server that
 dies mid-batch ends the batch at once, instead of leaving every rollout to run into its deadline
@@ -97,30 +103,25 @@ class RolloutEngine:
         self.sampling = sampling
         self.ledger = ledger
         self.timeout_s = timeout_s
+        self._client_args = (max_concurrency, timeout_s, retries, retry_backoff_s)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="gymtrl-rollouts", daemon=True)
         self._thread.start()
 
-        async def make_client() -> AgentClient:
-            return AgentClient(max_concurrency, timeout_s, retries, retry_backoff_s)
-
-        self._client = self._submit(make_client(), 30.0)
-
-    def _submit(self, coro, timeout_s: float):
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout_s)
-
-    async def _run_one(self, row: dict) -> RolloutOutcome:
+    async def _run_one(self, client: AgentClient, row: dict) -> RolloutOutcome:
         env = self.topology.route(row)
         if env is None:  # checked before training; a row can only get here if the config changed
             return RolloutOutcome("unrouted", None, None, FailureKind.HTTP_ERROR, "row routes to no agent", 0.0, None)
-        result = await self._client.run(self.topology.agents[env], self.sampling.apply(row))
+        result = await client.run(self.topology.agents[env], self.sampling.apply(row))
         return outcome_from_result(env, result, self.vocab_size)
 
     def run(self, rows: list[dict]) -> list[RolloutOutcome]:
         """One outcome per row, in order. Every failure is recorded in the ledger."""
 
         async def run_all():
-            return await asyncio.gather(*(self._run_one(r) for r in rows))
+            # Closed on every exit, cancellation included: no socket outlives its batch.
+            async with AgentClient(*self._client_args) as client:
+                return await asyncio.gather(*(self._run_one(client, r) for r in rows))
 
         # Each rollout's deadline covers its queueing too, so the batch ends by one deadline (+slack).
         future = asyncio.run_coroutine_threadsafe(run_all(), self._loop)
@@ -147,8 +148,7 @@ class RolloutEngine:
         return outcomes
 
     def close(self) -> None:
-        try:
-            self._submit(self._client.aclose(), 10.0)
-        finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self._loop.close()

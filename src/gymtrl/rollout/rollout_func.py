@@ -17,10 +17,13 @@ import logging
 import time
 from collections import Counter, defaultdict
 from statistics import mean
+from typing import Callable
 
-from gymtrl.errors import WeightSyncError
+from gymtrl.errors import ServerError, WeightSyncError
+from gymtrl.gym.discovery import GymTopology
 from gymtrl.rollout.engine import RolloutEngine, RolloutOutcome
 from gymtrl.rollout.failures import FailureKind
+from gymtrl.servers.supervisor import ServersRestarted, Supervisor
 from gymtrl.sync.strategies import WeightSync
 from gymtrl.sync.verify import SyncVerifier
 
@@ -29,8 +32,12 @@ log = logging.getLogger(__name__)
 
 class GymRolloutFunc:
     def __init__(self, engine: RolloutEngine, rows: dict[str, dict], sync: WeightSync,
-                 verifier: SyncVerifier | None, placeholder_token_id: int):
+                 verifier: SyncVerifier | None, placeholder_token_id: int,
+                 supervisor: Supervisor | None = None, rediscover: Callable[[], GymTopology] | None = None):
         self.engine = engine
+        self.supervisor = supervisor  # restarts launched servers that exit (supervision.on_server_exit)
+        self.rediscover = rediscover  # NeMo Gym's agents afresh, after Gym was restarted
+        self.seen_generation = 0
         self.rows = rows
         self.sync = sync
         self.verifier = verifier
@@ -62,13 +69,46 @@ class GymRolloutFunc:
         self.synced_step = step
         return metrics
 
+    def _follow_restarts(self) -> None:
+        """After servers were restarted: find Gym's agents again, and make the next sync check (and
+        if need be push) the weights, since a new vLLM serves the ones on disk."""
+        if self.supervisor is None or self.supervisor.generation == self.seen_generation:
+            return
+        self.seen_generation = self.supervisor.generation
+        if self.rediscover is not None:
+            self.engine.topology = self.rediscover()
+        self.synced_step = None
+
     # --- the TRL entry point -----------------------------------------------------------------
+    def _supervised_sync(self, trainer) -> dict[str, float]:
+        """_sync, once more after restarting a server that exited under it (supervision.on_server_exit)."""
+        try:
+            return self._sync(trainer)
+        except (ServerError, WeightSyncError):
+            if self.supervisor is None or not self.supervisor.recover():
+                raise
+        self._follow_restarts()
+        return self._sync(trainer)
+
     def __call__(self, prompts: list, trainer) -> dict:
-        metrics = self._sync(trainer)
+        if self.supervisor is not None:
+            self.supervisor.check()  # a server that exited since the last batch: restarted, or the run stops
+        self._follow_restarts()
+        metrics = self._supervised_sync(trainer)
         rows = [self.rows[key] for key in prompts]
         start = time.monotonic()
-        outcomes = self.engine.run(rows)
+        while True:
+            try:
+                outcomes = self.engine.run(rows)
+                break
+            except ServersRestarted as e:  # the whole batch again, on the restarted servers
+                log.warning("step %d: the batch in flight is run again after restarting %s",
+                            trainer.state.global_step, ", ".join(e.names))
+                self._follow_restarts()
+                metrics.update(self._supervised_sync(trainer))
         metrics["rollout/batch_seconds"] = time.monotonic() - start
+        if self.supervisor is not None:
+            metrics["servers/restarts"] = float(self.supervisor.restarts)
         log_excluded(outcomes, trainer.state.global_step)
         self.engine.ledger.check_bound()
 

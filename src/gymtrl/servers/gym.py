@@ -42,13 +42,27 @@ def gym_command(cfg: Config, log_dir: Path) -> list[str]:
         "policy_api_key": f"${{oc.env:{cfg.vllm.api_key_env},EMPTY}}",
         "policy_model_name": served_model_name(cfg),
     }
-    for key, value in {**policy, **judge_overrides(cfg, log_dir), **launch.overrides}.items():
+    for key, value in {**policy, **pool_overrides(cfg), **judge_overrides(cfg, log_dir), **launch.overrides}.items():
         cmd += ["--set", f"{key}={json.dumps(value)}"]
     if cfg.judge.server != "none":
         cmd += ["--judge-server", "policy_model" if cfg.judge.server == "policy" else JUDGE_INSTANCE]
         for name in cfg.judge.resources_servers:
             cmd += ["--judge-for", name]
     return cmd + list(launch.extra_args)
+
+
+# NeMo Gym 0.7 caps each server's connections to one host (say, its agent's to the model server) at 1,024.
+NEMO_GYM_DEFAULT_PER_HOST = 1024
+
+
+def pool_overrides(cfg: Config) -> dict:
+    """Room in NeMo Gym's connection pools for every rollout gymtrl keeps in flight. Each rollout
+    has at most one call open from its agent to each server, so the per-host cap must reach
+    rollout.max_concurrency, or rollouts past 1,024 queue inside Gym for nothing."""
+    want = cfg.rollout.max_concurrency
+    if want <= NEMO_GYM_DEFAULT_PER_HOST:
+        return {}
+    return {"global_aiohttp_connector_limit_per_host": want, "global_aiohttp_connector_limit": max(100 * 1024, 4 * want)}
 
 
 JUDGE_INSTANCE = "gymtrl_judge_model"

@@ -90,9 +90,16 @@ class ManagedProcess:
         )
 
     def stop(self, grace_s: float = 10.0) -> None:
-        if not self.alive():
+        if self.proc is None:
             return
-        assert self.proc is not None
+        if not self.alive():
+            # The leader is gone; its children (vLLM's engine core, Gym's servers) may not be. The
+            # group's id cannot be reused while any member lives, so this reaches only them.
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            return
         try:
             os.killpg(self.proc.pid, signal.SIGTERM)
             self.proc.wait(timeout=grace_s)

@@ -2,7 +2,8 @@
 
 For each of vLLM and NeMo Gym: when `launch.enabled`, gymtrl starts it (all at once), streams its
 output to <output>/logs/, and waits for its health endpoint; otherwise it must already answer at
-its configured URL. With judge.server=launch the judge's vLLM is started the same way. While training, `check()` notices at once when a launched server has died.
+its configured URL. With judge.server=launch the judge's vLLM is started the same way. While training, `check()` notices at
+once when a launched server has died, and `restart_exited()` starts it again (supervision.on_server_exit).
 """
 
 from __future__ import annotations
@@ -43,12 +44,29 @@ def ensure_port_free(url: str, key: str) -> None:
             ) from None
 
 
+def wait_port_free(url: str, timeout_s: float = 30.0) -> None:
+    """Until nothing listens on the URL's port any more (a server that exited may leave children
+    holding it for a moment)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            ensure_port_free(url, "restart")
+            return
+        except ServerError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 class ServerStack:
     def __init__(self, cfg: Config, log_dir: Path, nccl: bool):
         self.cfg = cfg
         self.log_dir = Path(log_dir)
         self.nccl = nccl
         self.processes: list[ManagedProcess] = []
+        self.vllm: ManagedProcess | None = None
+        self.judge: ManagedProcess | None = None
+        self.gym: ManagedProcess | None = None
 
     def __enter__(self) -> "ServerStack":
         try:
@@ -63,7 +81,6 @@ class ServerStack:
 
     def start(self) -> None:
         cfg = self.cfg
-        vllm = gym = judge = None
         # A server left over from an earlier run would answer our health checks in place of the one
         # we start (which then fails to bind): refuse to start on a port that is taken.
         if cfg.vllm.launch.enabled:
@@ -76,42 +93,68 @@ class ServerStack:
             if ensure_installed(vllm_python(cfg)):
                 log.info("installed gymtrl's prefix-correction plugin into %s", cfg.vllm.launch.venv)
         if cfg.vllm.launch.enabled:
-            vllm = ManagedProcess("vLLM server", vllm_command(cfg, self.nccl), self.log_dir / "vllm.log",
-                                  env=vllm_env(cfg))
-            vllm.start()
-            self.processes.append(vllm)
+            self.vllm = self._launch(ManagedProcess("vLLM server", vllm_command(cfg, self.nccl),
+                                                    self.log_dir / "vllm.log", env=vllm_env(cfg)))
         if cfg.judge.server == "launch":
-            judge = ManagedProcess("judge vLLM server", judge_vllm_command(cfg), self.log_dir / "judge_vllm.log",
-                                   env=judge_vllm_env(cfg))
-            judge.start()
-            self.processes.append(judge)
+            self.judge = self._launch(ManagedProcess("judge vLLM server", judge_vllm_command(cfg),
+                                                     self.log_dir / "judge_vllm.log", env=judge_vllm_env(cfg)))
         if cfg.gym.launch.enabled:
-            gym = ManagedProcess("NeMo Gym servers", gym_command(cfg, self.log_dir / "gym"),
-                                 self.log_dir / "gym.log", env=dict(cfg.gym.launch.env))
-            gym.start()
-            self.processes.append(gym)
+            self.gym = self._launch(ManagedProcess("NeMo Gym servers", gym_command(cfg, self.log_dir / "gym"),
+                                                   self.log_dir / "gym.log", env=dict(cfg.gym.launch.env)))
 
-        health = cfg.vllm.base_url.rstrip("/") + "/health"
-        if vllm is not None:
-            vllm.wait_healthy(lambda: http_ok(health), cfg.vllm.launch.startup_timeout_s, health)
-        elif not http_ok(health, timeout_s=10.0):
+        if self.vllm is not None:
+            self._wait_vllm()
+        elif not http_ok(cfg.vllm.base_url.rstrip("/") + "/health", timeout_s=10.0):
             raise ServerError(
                 f"no vLLM server answers at {cfg.vllm.base_url}",
                 hint="start one (see README: 'Your own run') or set vllm.launch.enabled=true",
             )
         self._check_served_model()
         self._check_prefix_correction()
-        if judge is not None:
-            judge_url = server_root(cfg.judge.base_url)  # type: ignore[arg-type]
-            judge.wait_healthy(lambda: http_ok(judge_url + "/health"), cfg.judge.launch.startup_timeout_s,
-                               judge_url + "/health")
+        if self.judge is not None:
+            self._wait_judge()
         if cfg.judge.server in ("url", "launch"):
-            self._check_judge(launched=judge is not None)
-        if gym is not None:
-            wait_ready(cfg.gym.head_server_url, cfg.gym.launch.startup_timeout_s,
-                       is_alive=lambda: gym.alive() or bool(gym.check()))
+            self._check_judge(launched=self.judge is not None)
+        if self.gym is not None:
+            self._wait_gym()
         else:
             wait_ready(cfg.gym.head_server_url, 120.0, unreachable_after_s=3.0)
+
+    def _launch(self, process: ManagedProcess) -> ManagedProcess:
+        process.start()
+        self.processes.append(process)
+        return process
+
+    def _wait_vllm(self) -> None:
+        health = self.cfg.vllm.base_url.rstrip("/") + "/health"
+        self.vllm.wait_healthy(lambda: http_ok(health), self.cfg.vllm.launch.startup_timeout_s, health)  # type: ignore[union-attr]
+
+    def _wait_judge(self) -> None:
+        url = server_root(self.cfg.judge.base_url) + "/health"  # type: ignore[arg-type]
+        self.judge.wait_healthy(lambda: http_ok(url), self.cfg.judge.launch.startup_timeout_s, url)  # type: ignore[union-attr]
+
+    def _wait_gym(self) -> None:
+        gym = self.gym
+        wait_ready(self.cfg.gym.head_server_url, self.cfg.gym.launch.startup_timeout_s,
+                   is_alive=lambda: gym.alive() or bool(gym.check()))  # type: ignore[union-attr]
+
+    def restart_exited(self) -> list[str]:
+        """Start again every launched server that has exited, and wait until each is ready as at
+        start-up (a new vLLM serves the weights on disk: the caller re-syncs). Returns their names."""
+        restarted = []
+        for process, wait, url in ((self.vllm, self._wait_vllm, self.cfg.vllm.base_url),
+                                   (self.judge, self._wait_judge, self.cfg.judge.base_url),
+                                   (self.gym, self._wait_gym, self.cfg.gym.head_server_url)):
+            if process is None or process.alive():
+                continue
+            process.stop()  # whatever is left of its process group (vLLM's engine, Gym's servers)
+            wait_port_free(url)  # type: ignore[arg-type]
+            process.start()
+            wait()
+            if process is self.vllm:
+                self._check_served_model()
+            restarted.append(process.name)
+        return restarted
 
     def _served_models(self, url: str, api_key_env: str) -> list[str]:
         control = VLLMControl(url, self.cfg.vllm.request_timeout_s, api_key_env)
