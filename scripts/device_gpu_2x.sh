@@ -1,34 +1,210 @@
 #!/usr/bin/env bash
-# On the lent two-GPU machine (no network), after the offline bundle's first part was installed
-# (see shared/offline-gpu-bundle/README.md): finish the install, then run configs/gpu-2x.yaml with
-# a random-weight model of Qwen2.5-0.5B's shape. Small logs and metrics are copied to $OUT.
-#   bash scripts/device_gpu_2x.sh [SECONDS] [key=value ...]
-# Status (2026-11-25): not yet run to completion. On 2x H200 the bundle installed and vLLM came up
-# (NCCL weight-transfer flags on), then two runs passed their time limits with no logs returned;
-# the second may have met the first one's still-running servers on ports 8000/11000. Next try:
-# kill leftovers first, a short gym-only smoke, then the training run.
+# configs/gpu-2x.yaml on the lent two-GPU machine (no network; kind nvidia-h100-x2), with a
+# random-weight model of Qwen2.5-0.5B's shape: vLLM on GPU 1, the trainer on GPU 0, NCCL weight
+# sync after every step, checked by gymtrl's logprob probe. Two device calls, back to back (/tmp
+# lives only while the machine stays warm, 30 s after a call):
+#   run carry=[.gpu-bundle/p1, .gpu-bundle/p3, .gpu-extra]  command: bash scripts/device_gpu_2x.sh prep
+#   run carry=[.gpu-bundle/p2] timeout_s=600                command: bash scripts/device_gpu_2x.sh run 420 [key=value ...]
+# prep: stashes the carried bundle parts, unpacks gymtrl's extra wheels (.gpu-extra) to /tmp/extra,
+#       builds the model in /tmp/model (about 20 s).
+# run LIMIT [key=value ...]: finishes the install, stops whatever an earlier call left running
+#       (gymtrl starts its servers with setsid, so they outlive a command that was cut off: GPU
+#       processes, the servers, anything on ports 8000/11000), runs `gymtrl train` for at most LIMIT
+#       seconds (then SIGINT, SIGKILL 20 s later), prints one line per step, and always copies small
+#       logs to $OUT (7 files): gpus.txt (GPUs, versions, leftovers, a progress line every 15 s
+#       with both GPUs' memory), train.log, metrics.jsonl, profile.jsonl (TRL's timed blocks,
+#       sync_weights among them: TRL's profiler reports them to wandb only, so a wrapper writes them
+#       here too), vllm.log, gym.log, gym-servers.log. Keep LIMIT about 150 s under timeout_s.
+# controls LIMIT: instead of `run`, two runs of at most LIMIT s each (use 220 with timeout_s=600)
+#       that show what the sync check tells apart: "stale" (sync.strategy=none, lr 1e-2: the check
+#       must stop it) and "fresh" (NCCL sync, lr 1e-2, 20 steps: must pass); $OUT gets gpus.txt,
+#       stale.tgz, fresh.tgz.
+# PATCH=file.diff before either: apply a proposed src/ change to the device's copy first.
+# Seen 2026-11-26 on 2x H200: run 420 took 149 s (vLLM start about 110 s, 20 steps 17 s).
+# Results: bench/results/gpu-2x/.
 set -uo pipefail
-limit=${1:-400}; shift || true
-bash .gpu-bundle/p2/install.sh --need-all >/dev/null || exit 3
-. /tmp/site/env.sh
-# gymtrl's own pure-Python needs that the image and bundle lack (wheels carried in .gpu-extra/).
-python3 -m pip install -q --upgrade --no-deps --no-index --target /tmp/extra .gpu-extra/*.whl 2>/dev/null
-export PYTHONPATH="$PWD/src:$PYTHONPATH:/tmp/extra"  # bundle versions win
-nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpus.txt"
-[ -d /tmp/model ] || python3 "$GPU_BUNDLE_TOOLS/make_tiny_qwen.py" /tmp/model --shape 0.5b > /tmp/model.log 2>&1
-# The bundle is a site dir, not a venv: give gymtrl the bin/ layout it expects.
-mkdir -p /tmp/gym-venv/bin && printf '#!/bin/sh\nexec python3 "$@"\n' > /tmp/gym-venv/bin/python
-chmod +x /tmp/gym-venv/bin/python
-export GYMTRL_GYM_VENV=/tmp/gym-venv GYMTRL_VLLM_VENV=/tmp/site
-rm -rf /tmp/run
-collect() {  # small files only: the device returns at most 8
-  cp /tmp/run/metrics.jsonl "$OUT/" 2>/dev/null
-  tail -c 60000 /tmp/train.log > "$OUT/train.log" 2>/dev/null
-  tail -c 30000 /tmp/run/logs/vllm.log > "$OUT/vllm.log" 2>/dev/null
-  tail -c 20000 /tmp/run/logs/gym.log > "$OUT/gym.log" 2>/dev/null
-  for f in /tmp/run/logs/gym/*.log; do echo "== $f"; tail -c 4000 "$f"; done > "$OUT/gym-servers.log" 2>/dev/null
+mode=${1:-run}; shift || true
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+note() { echo "[device_gpu_2x $(date +%T)] $*" | tee -a "$OUT/gpus.txt"; }
+
+unpack_extra() {  # pure-Python wheels: a wheel is a zip, no pip needed
+  [ -d /tmp/extra ] && return 0
+  ls .gpu-extra/*.whl > /dev/null 2>&1 || { note "no /tmp/extra and no .gpu-extra carried"; return 1; }
+  python3 -c 'import glob, zipfile; [zipfile.ZipFile(w).extractall("/tmp/extra.tmp") for w in glob.glob(".gpu-extra/*.whl")]' \
+    && mv /tmp/extra.tmp /tmp/extra && note "unpacked $(ls .gpu-extra/*.whl | wc -l) wheels into /tmp/extra"
 }
-trap collect EXIT
-CUDA_VISIBLE_DEVICES=0 timeout -s INT "$limit" python3 -m gymtrl.cli train --config configs/gpu-2x.yaml \
-  model.name_or_path=/tmp/model "gym.launch.env.PYTHONPATH=$GYM_PYTHONPATH" \
-  rollout.timeout_s=60 output.dir=/tmp/run "$@" > /tmp/train.log 2>&1
+
+make_model() {
+  [ -f /tmp/model/config.json ] && return 0
+  local tool; tool=$(ls .gpu-bundle/p*/make_tiny_qwen.py /tmp/site/gpu-bundle-tools/make_tiny_qwen.py 2>/dev/null | head -1)
+  local t0=$SECONDS
+  python3 "$tool" /tmp/model.tmp --shape 0.5b --seed 0 > /tmp/model.log 2>&1 && mv /tmp/model.tmp /tmp/model \
+    || { note "make_tiny_qwen failed:"; tail -5 /tmp/model.log | tee -a "$OUT/gpus.txt"; return 1; }
+  note "model /tmp/model built in $((SECONDS - t0)) s"
+}
+
+if [ "$mode" = prep ]; then
+  inst=$(ls .gpu-bundle/p*/install.sh | head -1)
+  bash "$inst" 2>&1 | tail -3
+  unpack_extra; make_model
+  nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader
+  exit 0
+fi
+
+# ---- run LIMIT [key=value ...] | controls LIMIT ----------------------------------------------
+limit=${1:-420}; shift || true
+: > "$OUT/gpus.txt"
+inst=$(ls .gpu-bundle/p*/install.sh 2>/dev/null | head -1)
+if [ -n "$inst" ]; then
+  bash "$inst" --need-all > /tmp/install.log 2>&1 || { tail -5 /tmp/install.log; exit 3; }
+elif [ ! -f /tmp/site/env.sh ]; then
+  echo "bundle not installed and no part carried (the machine went cold?)"; exit 3
+fi
+. /tmp/site/env.sh
+unpack_extra || exit 3
+make_model || exit 4
+export PYTHONPATH="$PWD/src:$PYTHONPATH:/tmp/extra"  # the bundle's versions win over the extras
+# PATCH=file.diff: a proposed change to src/, applied to the device's copy of the tree only.
+if [ -n "${PATCH:-}" ]; then
+  (patch -p1 --forward < "$PATCH" || git apply "$PATCH") > /tmp/patch.log 2>&1 \
+    && note "applied $PATCH: $(grep -c '^+++' "$PATCH") files" || { cat /tmp/patch.log; exit 6; }
+fi
+
+# The bundle is a site dir run by the image's python3: give gymtrl's launcher venv-shaped folders,
+# and put the prefix-correction plugin where vLLM (PYTHONPATH=/tmp/site) finds its entry point
+# (what `gymtrl vllm-plugin install` does in a real venv; gymtrl then finds it current).
+for v in vllm-venv gym-venv; do
+  mkdir -p /tmp/$v/bin && printf '#!/bin/sh\nexec python3 "$@"\n' > /tmp/$v/bin/python && chmod +x /tmp/$v/bin/python
+done
+ln -sf /tmp/site/bin/vllm /tmp/vllm-venv/bin/vllm
+rm -rf /tmp/site/gymtrl_vllm_plugin /tmp/site/gymtrl_vllm_plugin-*.dist-info
+python3 -c 'import sys, zipfile, tempfile; from pathlib import Path; from gymtrl.vllm_plugin.install import build_wheel
+zipfile.ZipFile(build_wheel(Path(tempfile.mkdtemp()))).extractall("/tmp/site")' || note "plugin unpack failed"
+export GYMTRL_GYM_VENV=/tmp/gym-venv GYMTRL_VLLM_VENV=/tmp/vllm-venv
+
+{
+  nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader
+  python3 - <<'EOF'
+import importlib.metadata as m
+print("versions:", ", ".join(f"{d} {m.version(d)}" for d in ("vllm", "trl", "transformers", "torch", "accelerate", "datasets", "gymtrl-vllm-plugin")))
+EOF
+  PYTHONPATH=$GYM_PYTHONPATH python3 -c 'import importlib.metadata as m; print("nemo-gym", m.version("nemo-gym"))' 2>&1 | tail -1
+  git log -1 --format='gymtrl commit %h %cd' 2>/dev/null; echo "working tree: $(git status --short 2>/dev/null | wc -l) changed files"
+} >> "$OUT/gpus.txt" 2>&1
+
+# Leftovers of an earlier call on this warm machine: GPU processes, the servers gymtrl launches,
+# anything listening on 8000/11000. (Everything on this lent machine is ours.)
+port_busy() { ! python3 -c "import socket,sys; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('127.0.0.1', $1))" 2>/dev/null; }
+kill_leftovers() {
+  local pids p
+  pids="$(nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/null)
+$(ps -eo pid=,args= | grep -E '/tmp/(site|vllm-venv)/bin/vllm|gym_launcher\.py|VLLM::|gymtrl_device_main|python3? app\.py' | grep -v grep | awk '{print $1}')"
+  for p in $(echo "$pids" | sort -u); do
+    [ "$p" = $$ ] || [ "$p" = "$PPID" ] && continue
+    ps -o pid=,args= -p "$p" 2>/dev/null | cut -c1-150 | sed 's/^/  killing leftover: /' >> "$OUT/gpus.txt"
+    kill -9 "$p" 2>/dev/null
+  done
+  for _ in $(seq 30); do port_busy 8000 || port_busy 11000 || break; sleep 1; done
+}
+kill_leftovers
+for port in 8000 11000; do port_busy $port && { note "port $port still taken"; ps -eo pid,args | grep -v grep | grep -E 'python|vllm' | cut -c1-200 >> "$OUT/gpus.txt"; exit 5; }; done
+note "ports 8000 and 11000 free; GPU processes: $(nvidia-smi --query-compute-apps=pid --format=csv,noheader | wc -l)"
+
+# TRL's profiler (sync_weights is one of its blocks) reports to wandb/mlflow/trackio only: write
+# its timings to a file as well, then run gymtrl's own CLI.
+cat > /tmp/gymtrl_device_main.py <<'EOF'
+import json, os, sys, time
+import trl.extras.profiling as profiling
+_log_metrics = profiling.ProfilingContext._log_metrics
+def _log_to_file(self, duration):
+    if self.is_main_process:
+        with open(os.environ["GYMTRL_PROFILE_JSONL"], "a") as f:
+            f.write(json.dumps({"name": self.name, "step": self.step, "seconds": round(duration, 6), "t": round(time.time(), 3)}) + "\n")
+    return _log_metrics(self, duration)
+profiling.ProfilingContext._log_metrics = _log_to_file
+from gymtrl.cli import app
+sys.argv[0] = "gymtrl"
+app()
+EOF
+
+summary() {  # one line per step: what the final report needs
+  python3 - "$1" <<'EOF' 2>&1 | tail -45
+import json, os, sys
+run = sys.argv[1]
+sync = {}  # TRL syncs at the start of each generation; profile step N = weights after optimizer step N
+if os.path.exists(f"{run}/profile.jsonl"):
+    for line in open(f"{run}/profile.jsonl"):
+        r = json.loads(line)
+        if r["name"].endswith("sync_weights"):
+            sync[r["step"]] = r["seconds"]
+nan = float("nan")
+print(f"{run}: step reward verify_diff sync_s(before_step) step_time_s rollout_s")
+for line in open(f"{run}/metrics.jsonl") if os.path.exists(f"{run}/metrics.jsonl") else []:
+    r = json.loads(line)
+    if "reward" not in r:
+        continue
+    g = lambda k: nan if r.get(k) is None else r[k]
+    print(f'{r["step"]:4d} {g("reward"):.4f} {g("sync/verify_max_logprob_diff"):.4g} {sync.get(r["step"] - 1, nan):.3f} '
+          f'{g("step_time"):.2f} {g("rollout/batch_seconds"):.2f}')
+EOF
+}
+
+collect() {  # $1: run dir, $2: where the small logs go (the device returns at most 8 files)
+  local run=$1 dest=$2; mkdir -p "$dest"
+  cp "$run/metrics.jsonl" "$run/profile.jsonl" "$dest/" 2>/dev/null
+  tail -c 60000 "$run.train.log" > "$dest/train.log" 2>/dev/null
+  { head -c 15000 "$run/logs/vllm.log"; echo; echo "[... middle cut ...]"; tail -c 25000 "$run/logs/vllm.log"; } > "$dest/vllm.log" 2>/dev/null
+  tail -c 20000 "$run/logs/gym.log" > "$dest/gym.log" 2>/dev/null
+  for f in "$run"/logs/gym/*.log; do echo "== $f"; tail -c 4000 "$f"; done > "$dest/gym-servers.log" 2>/dev/null
+}
+
+# run_gymtrl TAG LIMIT [key=value ...]: one `gymtrl train` in /tmp/run-TAG, at most LIMIT seconds.
+run_gymtrl() {
+  local tag=$1 limit=$2; shift 2
+  local run=/tmp/run-$tag t0=$SECONDS rc
+  rm -rf "$run" "$run.train.log"; touch "$run.train.log"
+  ( while sleep 15; do
+      echo "$(date +%T) $tag steps=$(wc -l < $run/metrics.jsonl 2>/dev/null || echo 0) gpu_mem_MiB=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | paste -sd/) | $(tail -c 300 $run.train.log | tr '\r\n' '  ' | tail -c 160)"
+    done >> /tmp/progress.log ) &
+  mon=$!
+  note "gymtrl train [$tag]: limit ${limit} s, overrides: $*"
+  CUDA_VISIBLE_DEVICES=0 PYTHONUNBUFFERED=1 GYMTRL_PROFILE_JSONL=$run/profile.jsonl \
+    timeout -s INT -k 20 "$limit" python3 /tmp/gymtrl_device_main.py train --config configs/gpu-2x.yaml \
+    model.name_or_path=/tmp/model "gym.launch.env.PYTHONPATH=$GYM_PYTHONPATH" output.dir=$run \
+    vllm.launch.startup_timeout_s=300 gym.launch.startup_timeout_s=180 rollout.timeout_s=60 "$@" > "$run.train.log" 2>&1
+  rc=$?
+  kill "$mon" 2>/dev/null; mon=
+  note "gymtrl train [$tag] exited $rc after $((SECONDS - t0)) s; steps logged: $(grep -c '"reward"' $run/metrics.jsonl 2>/dev/null || echo 0)"
+  tail -c 600 "$run.train.log" | tr '\r' '\n' | tail -3
+  summary "$run"
+  kill_leftovers
+  return $rc
+}
+
+rm -f /tmp/progress.log
+finish() {
+  kill "${mon:-}" 2>/dev/null
+  if [ "$mode" = run ]; then
+    collect /tmp/run-main "$OUT"
+  else
+    for run in /tmp/run-*/; do
+      run=${run%/}; tag=${run#/tmp/run-}
+      collect "$run" "/tmp/pack/$tag" && tar czf "$OUT/$tag.tgz" -C /tmp/pack "$tag"
+    done
+  fi
+  cat /tmp/progress.log >> "$OUT/gpus.txt" 2>/dev/null
+  kill_leftovers
+  note "collected"
+}
+trap finish EXIT
+rm -rf /tmp/run-* /tmp/pack
+if [ "$mode" = run ]; then
+  run_gymtrl main "$limit" "$@"
+  exit $?
+fi
+# controls LIMIT: two short runs that show what the sync check can tell apart, same model and config.
+#  stale: sync.strategy=none (vLLM never gets new weights), learning rate x1000 (1e-2): the check must
+#         stop the run after the first step that moves the weights.
+#  fresh: the same learning rate with NCCL sync: the check must pass every step.
+run_gymtrl stale "$limit" sync.strategy=none grpo.learning_rate=1.0e-2 grpo.max_steps=5
+run_gymtrl fresh "$limit" grpo.learning_rate=1.0e-2 grpo.max_steps=20

@@ -80,6 +80,9 @@ def test_two_environments_in_one_batch_each_row_reaches_its_own_agent(servers, g
     assert max(abs(a - b) for a, b in zip(ours, t.logprobs)) < 1e-3
 
 
+STEP_SCALE = 1.0001  # moves the probe's logprobs by a few 1e-4: past float32 noise, inside the 1e-3 bound
+
+
 def test_weight_sync_is_verified_and_a_stale_server_is_caught(servers, model_and_tokenizer, control, tmp_path):
     model, tokenizer = model_and_tokenizer
     verifier = SyncVerifier(control, "tiny", probe_token_ids(tokenizer), tolerance=1e-3)
@@ -96,9 +99,21 @@ def test_weight_sync_is_verified_and_a_stale_server_is_caught(servers, model_and
             changed.model.embed_tokens.weight.add_(torch.randn_like(changed.model.embed_tokens.weight) * 0.05)
         with pytest.raises(WeightSyncError, match="not serving the weights being trained"):
             verifier.check(changed, step=2)
+        # A step too small for the bound (bf16's is wide on sharp distributions) is still caught: the
+        # server's logprobs sit nearer the last verified step's than this one's.
+        push(control, changed, tmp_path)
+        assert verifier.check(changed, step=3) < 1e-3
+        with torch.no_grad():
+            changed.model.norm.weight.mul_(STEP_SCALE)
+        push(control, changed, tmp_path)
+        assert verifier.check(changed, step=4) < 1e-3  # synced: fine
+        with torch.no_grad():
+            changed.model.norm.weight.mul_(STEP_SCALE)
+        with pytest.raises(WeightSyncError, match="still serves the weights of step 4"):
+            verifier.check(changed, step=5)
     finally:
         push(control, model, tmp_path)
-    assert verifier.check(model, step=3) < 1e-3
+    assert verifier.check(model, step=6) < 1e-3
 
 
 def _outward_address() -> str | None:

@@ -135,10 +135,13 @@ def train(cfg: Config, resume: str | None = None) -> Path:
         verifier = None
         if cfg.sync.verify:
             tol = cfg.sync.verify_tolerance
+            scaled = False
             if tol is None:
                 dtypes = {cfg.model.dtype, cfg.vllm.dtype}
                 tol = default_tolerance("float32" if dtypes == {"float32"} else "mixed")
-            verifier = SyncVerifier(control, served_model_name(cfg), probe_token_ids(tokenizer), tol)
+                scaled = dtypes != {"float32"}
+            verifier = SyncVerifier(control, served_model_name(cfg), probe_token_ids(tokenizer), tol,
+                                    scale_with_logits=scaled)
 
         supervisor = Supervisor(servers, cfg.supervision.on_server_exit, cfg.supervision.max_restarts,
                                 can_resync_vllm=strategy != "nccl")
@@ -169,6 +172,8 @@ def train(cfg: Config, resume: str | None = None) -> Path:
             callbacks=[MetricsJsonlWriter(out_dir / "metrics.jsonl"), WatchServers(), MarkCompleteCheckpoints(),
                        stopper],
         )
+        if isinstance(sync, NcclSync):
+            sync.attach(trainer)  # times TRL's own broadcast, so sync/seconds is not a constant 0
         try:
             trainer.train(resume_from_checkpoint=resume)
         except (ServerError, RolloutFailureBoundError, WeightSyncError) as e:

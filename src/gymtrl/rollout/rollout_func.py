@@ -66,6 +66,7 @@ class GymRolloutFunc:
                 diff = self.verifier.check(model, step)
         if diff is not None:
             metrics["sync/verify_max_logprob_diff"] = diff
+            metrics["sync/verify_bound"] = self.verifier.last_bound
         self.synced_step = step
         return metrics
 

@@ -34,7 +34,32 @@ class WeightSync:
 
 
 class NcclSync(WeightSync):
-    name = "nccl"  # TRL pushed the weights already (GRPOTrainer._generate, before rollout_func)
+    """TRL pushed the weights already (GRPOTrainer._generate, before rollout_func); `push` returns
+    how long that took, measured by wrapping TRL's sync_weights (0.0 if it cannot be wrapped)."""
+
+    name = "nccl"
+
+    def __init__(self) -> None:
+        self.last_seconds = 0.0
+
+    def attach(self, trainer) -> None:
+        generation = getattr(trainer, "vllm_generation", None)
+        original = getattr(generation, "sync_weights", None)
+        if original is None:
+            return
+
+        def timed_sync_weights(*args, **kwargs):
+            start = time.monotonic()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.last_seconds = time.monotonic() - start
+
+        generation.sync_weights = timed_sync_weights
+
+    def push(self, model) -> float:
+        seconds, self.last_seconds = self.last_seconds, 0.0
+        return seconds
 
 
 def write_untied_head(model, directory: Path) -> None:
