@@ -46,37 +46,35 @@ def make_app(model: str, hold_s: float, slow_every: int = 0, slow_hold_s: float 
     rng = random.Random(0)
     state = {"in_flight": 0, "peak_in_flight": 0, "requests": 0}
 
-    async def chat(request: web.Request) -> web.Response:
-        body = await request.json()
+    async def hold() -> bool:
+        """Hold one request as generation would, counted in flight; returns whether it was a slow one."""
         state["requests"] += 1
         state["in_flight"] += 1
         state["peak_in_flight"] = max(state["peak_in_flight"], state["in_flight"])
         try:
             slow = slow_every > 0 and state["requests"] % slow_every == 0
             await asyncio.sleep(slow_hold_s if slow else hold_s)
-            return web.json_response(completion(body, model, rng))
+            return slow
         finally:
             state["in_flight"] -= 1
+
+    async def chat(request: web.Request) -> web.Response:
+        body = await request.json()
+        await hold()
+        return web.json_response(completion(body, model, rng))
 
     async def agent_run(request: web.Request) -> web.Response:
         """POST /run as a NeMo Gym agent answers it: measures gymtrl's client with no Gym in between."""
         body = await request.json()
         params = body.get("responses_create_params", {})
-        state["requests"] += 1
-        state["in_flight"] += 1
-        state["peak_in_flight"] = max(state["peak_in_flight"], state["in_flight"])
-        try:
-            slow = slow_every > 0 and state["requests"] % slow_every == 0
-            await asyncio.sleep(slow_hold_s if slow else hold_s)
-            choice = completion({"max_tokens": params.get("max_output_tokens")}, model, rng)["choices"][0]
-            item = {"type": "message", "role": "assistant", "id": "msg-1", "status": "completed",
-                    "content": [{"type": "output_text", "text": choice["message"]["content"], "annotations": []}],
-                    "prompt_token_ids": PROMPT_IDS, "generation_token_ids": choice["token_ids"],
-                    "generation_log_probs": [-0.5] * len(choice["token_ids"])}
-            reply = {**body, "response": {"output": [item], "status": "completed"}, "reward": 1.0}
-            return web.json_response({**reply, "held_slow": True} if slow else reply)
-        finally:
-            state["in_flight"] -= 1
+        slow = await hold()
+        choice = completion({"max_tokens": params.get("max_output_tokens")}, model, rng)["choices"][0]
+        item = {"type": "message", "role": "assistant", "id": "msg-1", "status": "completed",
+                "content": [{"type": "output_text", "text": choice["message"]["content"], "annotations": []}],
+                "prompt_token_ids": PROMPT_IDS, "generation_token_ids": choice["token_ids"],
+                "generation_log_probs": [-0.5] * len(choice["token_ids"])}
+        reply = {**body, "response": {"output": [item], "status": "completed"}, "reward": 1.0}
+        return web.json_response({**reply, "held_slow": True} if slow else reply)
 
     async def models(_: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": model, "object": "model"}]})

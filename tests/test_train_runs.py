@@ -112,14 +112,11 @@ def _pid_listening_as(port: int, marker: str) -> int:
     return min(found)
 
 
-def test_a_launched_vllm_that_dies_mid_run_stops_it_at_once_with_a_checkpoint(servers, tmp_path):
-    """gymtrl launches vLLM and NeMo Gym; vLLM is killed while the run trains. NeMo Gym would retry
-    the vanished server until every rollout's 600 s deadline: instead the run notices the death
-    within seconds, saves its last finished step, and stops with the server's log tail."""
-    vllm_port, head_port = free_port(), free_port()
+def _launching_config(tmp_path: Path, model: Path, vllm_port: int, head_port: int, rest: str) -> Path:
+    """A run config in which gymtrl launches vLLM and a digit_reply-only NeMo Gym; `rest` adds sections."""
     config = tmp_path / "c.yaml"
     config.write_text(f"""
-model: {{name_or_path: {servers.model}, dtype: float32}}
+model: {{name_or_path: {model}, dtype: float32}}
 data: {{train: [{DIGIT_ROWS}]}}
 gym:
   head_server_url: http://127.0.0.1:{head_port}
@@ -133,10 +130,20 @@ vllm:
   max_model_len: 4096
   launch: {{enabled: true, venv: {os.environ['GYMTRL_VLLM_VENV']},
            extra_args: [--enforce-eager, --kv-cache-memory-bytes, "268435456"]}}
+output: {{dir: {tmp_path / 'run'}}}
+{rest}""")
+    return config
+
+
+def test_a_launched_vllm_that_dies_mid_run_stops_it_at_once_with_a_checkpoint(servers, tmp_path):
+    """gymtrl launches vLLM and NeMo Gym; vLLM is killed while the run trains. NeMo Gym would retry
+    the vanished server until every rollout's 600 s deadline: instead the run notices the death
+    within seconds, saves its last finished step, and stops with the server's log tail."""
+    vllm_port, head_port = free_port(), free_port()
+    config = _launching_config(tmp_path, servers.model, vllm_port, head_port, f"""
 rollout: {{timeout_s: 600}}
 grpo: {{max_steps: 200, per_device_train_batch_size: 8, num_generations: 4, max_completion_length: 8,
         save_strategy: "no", learning_rate: 1.0e-4}}
-output: {{dir: {tmp_path / 'run'}}}
 """)
     run = subprocess.Popen([sys.executable, "-m", "gymtrl.cli", "train", "--config", str(config)],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -188,26 +195,10 @@ def test_with_restart_on_a_launched_server_exit_the_run_survives_vllm_and_gym_dy
     next; each is started again, the batch in flight is run again, the new vLLM is given the
     trained weights (checked every step), and the run finishes every step."""
     vllm_port, head_port = free_port(), free_port()
-    config = tmp_path / "c.yaml"
-    config.write_text(f"""
-model: {{name_or_path: {servers.model}, dtype: float32}}
-data: {{train: [{DIGIT_ROWS}]}}
-gym:
-  head_server_url: http://127.0.0.1:{head_port}
-  launch: {{enabled: true, venv: {os.environ['GYMTRL_GYM_VENV']},
-           config_paths: [responses_api_models/vllm_model/configs/vllm_model_for_training.yaml,
-                          resources_servers/digit_reply/configs/digit_reply.yaml]}}
-vllm:
-  base_url: http://127.0.0.1:{vllm_port}
-  served_model_name: tiny
-  dtype: float32
-  max_model_len: 4096
-  launch: {{enabled: true, venv: {os.environ['GYMTRL_VLLM_VENV']},
-           extra_args: [--enforce-eager, --kv-cache-memory-bytes, "268435456"]}}
-supervision: {{on_server_exit: restart, max_restarts: 2}}
-grpo: {{max_steps: 6, per_device_train_batch_size: 8, num_generations: 4, max_completion_length: 8,
-        save_strategy: "no", learning_rate: 1.0e-3}}
-output: {{dir: {tmp_path / 'run'}}}
+    config = _launching_config(tmp_path, servers.model, vllm_port, head_port, """
+supervision: {on_server_exit: restart, max_restarts: 2}
+grpo: {max_steps: 6, per_device_train_batch_size: 8, num_generations: 4, max_completion_length: 8,
+       save_strategy: "no", learning_rate: 1.0e-3}
 """)
     run = subprocess.Popen([sys.executable, "-m", "gymtrl.cli", "train", "--config", str(config)],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -80,7 +80,6 @@ class GymRolloutFunc:
             self.engine.topology = self.rediscover()
         self.synced_step = None
 
-    # --- the TRL entry point -----------------------------------------------------------------
     def _supervised_sync(self, trainer) -> dict[str, float]:
         """_sync, once more after restarting a server that exited under it (supervision.on_server_exit)."""
         try:
@@ -91,6 +90,7 @@ class GymRolloutFunc:
         self._follow_restarts()
         return self._sync(trainer)
 
+    # --- the TRL entry point -----------------------------------------------------------------
     def __call__(self, prompts: list, trainer) -> dict:
         if self.supervisor is not None:
             self.supervisor.check()  # a server that exited since the last batch: restarted, or the run stops

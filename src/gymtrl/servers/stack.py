@@ -2,8 +2,9 @@
 
 For each of vLLM and NeMo Gym: when `launch.enabled`, gymtrl starts it (all at once), streams its
 output to <output>/logs/, and waits for its health endpoint; otherwise it must already answer at
-its configured URL. With judge.server=launch the judge's vLLM is started the same way. While training, `check()` notices at
-once when a launched server has died, and `restart_exited()` starts it again (supervision.on_server_exit).
+its configured URL. With judge.server=launch the judge's vLLM is started the same way. While training,
+`check()` notices at once when a launched server has died, and `restart_exited()` starts it again
+(supervision.on_server_exit).
 """
 
 from __future__ import annotations
