@@ -21,6 +21,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from gymtrl.distributed import any_process
 from gymtrl.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,9 @@ class GracefulStop(TrainerCallback):
                     "(send it again to stop at once)", signal.Signals(signum).name)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.signal is not None:
+        # Every process stops at the same step (a save is collective), whichever got the signal.
+        if any_process(self.signal is not None, args.device):
+            self.signal = self.signal or signal.SIGTERM
             control.should_save = True
             control.should_training_stop = True
         return control

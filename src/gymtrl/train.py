@@ -13,12 +13,15 @@ import signal
 from pathlib import Path
 
 from gymtrl.config import Config, write_resolved_config
+from gymtrl.config.load import export_env_yaml_api_key
+from gymtrl.distributed import rank_and_world
+from gymtrl.errors import (ConfigError, GymtrlError, RolloutFailureBoundError, ServerError, StoppedBySignal,
+                           WeightSyncError)
 from gymtrl.rollout.engine import ROLLOUT_BATCH_SLACK_S
 from gymtrl.rollout.fd_limit import ensure_open_files
 from gymtrl.servers.supervisor import Supervisor
-from gymtrl.config.load import export_env_yaml_api_key
-from gymtrl.errors import (ConfigError, GymtrlError, RolloutFailureBoundError, ServerError, StoppedBySignal,
-                           WeightSyncError)
+
+log = logging.getLogger(__name__)
 
 
 def build_grpo_config(cfg: Config, strategy: str, cuda: bool):
@@ -46,7 +49,7 @@ def build_grpo_config(cfg: Config, strategy: str, cuda: bool):
     kwargs["ddp_timeout"] = max(1800, int(2 * batch_deadline_s))
     kwargs.update(cfg.grpo)
     if kwargs["ddp_timeout"] < batch_deadline_s:
-        logging.getLogger(__name__).warning(
+        log.warning(
             "grpo.ddp_timeout=%ss is shorter than a rollout batch may take (rollout.timeout_s + %ss): with "
             "several processes a long batch would trip the distributed watchdog", kwargs["ddp_timeout"],
             ROLLOUT_BATCH_SLACK_S)
@@ -97,7 +100,9 @@ def train(cfg: Config, resume: str | None = None) -> Path:
     stopper = GracefulStop()
     stopper.install()
     out_dir = Path(cfg.output.dir)
-    write_resolved_config(cfg, out_dir)
+    rank, world = rank_and_world()
+    if rank == 0:
+        write_resolved_config(cfg, out_dir)
     if cfg.logging.wandb:
         os.environ.setdefault("WANDB_PROJECT", cfg.logging.wandb_project)
         os.environ.setdefault("WANDB_MODE", cfg.logging.wandb_mode)
@@ -115,7 +120,8 @@ def train(cfg: Config, resume: str | None = None) -> Path:
 
     # --- servers up, agents found, every row routed ----------------------------------------
     ensure_open_files(cfg.rollout.max_concurrency)  # before launching: the servers inherit it
-    with ServerStack(cfg, out_dir / "logs", nccl=strategy == "nccl") as servers:
+    # The main process launches the servers; the others wait for them (and never launch any).
+    with ServerStack(cfg, out_dir / "logs", nccl=strategy == "nccl", launch=rank == 0) as servers:
         topo = discover(cfg.gym.head_server_url, cfg.gym.rewrite_loopback_hosts)
         check_routes(train_rows + eval_rows, topo)
         store: dict[str, dict] = {}
@@ -143,8 +149,13 @@ def train(cfg: Config, resume: str | None = None) -> Path:
             verifier = SyncVerifier(control, served_model_name(cfg), probe_token_ids(tokenizer), tol,
                                     scale_with_logits=scaled)
 
-        supervisor = Supervisor(servers, cfg.supervision.on_server_exit, cfg.supervision.max_restarts,
-                                can_resync_vllm=strategy != "nccl")
+        on_exit = cfg.supervision.on_server_exit
+        if on_exit == "restart" and world > 1:
+            # The other processes would go on rolling out against the dead server, out of step.
+            log.warning("supervision.on_server_exit=restart applies to single-process runs; with %d processes a "
+                        "server that exits stops the run", world)
+            on_exit = "stop"
+        supervisor = Supervisor(servers, on_exit, cfg.supervision.max_restarts, can_resync_vllm=strategy != "nccl")
         ledger = FailureLedger(FailureBound(cfg.rollout.max_failure_rate, cfg.rollout.failure_window,
                                             cfg.rollout.failure_min_rollouts))
         engine = RolloutEngine(
@@ -190,8 +201,9 @@ def train(cfg: Config, resume: str | None = None) -> Path:
                 f"stopped by {signal.Signals(stopper.signal).name} at step {trainer.state.global_step}; "
                 f"checkpoint: {path}", hint="continue with the same command and --resume auto")
         final = out_dir / "final"
-        trainer.save_model(str(final))
-        tokenizer.save_pretrained(str(final))
+        trainer.save_model(str(final))  # collective under ZeRO-3; the main process writes
+        if rank == 0:
+            tokenizer.save_pretrained(str(final))
     return final
 
 
@@ -208,6 +220,10 @@ def _with_checkpoint(error: GymtrlError, trainer) -> GymtrlError:
     """The error, its hint extended by where the last finished step was saved."""
     from gymtrl.checkpoints import save_now
 
+    if rank_and_world()[1] > 1:  # a save is collective, and only this process is failing
+        note = "the last periodic checkpoint stands (one process cannot save a multi-process run alone)"
+        error.hint = f"{error.hint}; {note}" if error.hint else note
+        return error
     try:
         path = save_now(trainer)
     except Exception as e:  # the run is already failing: report the save problem, keep the cause

@@ -19,6 +19,7 @@ from collections import Counter, defaultdict
 from statistics import mean
 from typing import Callable
 
+from gymtrl.distributed import full_weights, is_zero3
 from gymtrl.errors import ServerError, WeightSyncError
 from gymtrl.gym.discovery import GymTopology
 from gymtrl.rollout.engine import RolloutEngine, RolloutOutcome
@@ -47,27 +48,41 @@ class GymRolloutFunc:
 
     # --- weight sync ------------------------------------------------------------------------
     def _sync(self, trainer) -> dict[str, float]:
+        """Push this step's weights to vLLM and check them (main process); every process takes part
+        in a ZeRO-3 gather, then waits until vLLM holds them, so no rollout samples stale weights."""
         step = trainer.state.global_step
-        if step == self.synced_step or not trainer.accelerator.is_main_process:
+        if step == self.synced_step:
             return {}
         model = trainer.accelerator.unwrap_model(trainer.model)
+        main = trainer.accelerator.is_main_process
+        zero3 = is_zero3(model)
+        # The check's forward pass: on the main process, or in lockstep on all under ZeRO-3.
+        ours = self.verifier.trainer_side(model) if self.verifier is not None and (main or zero3) else None
+        metrics: dict[str, float] = {}
+        with full_weights(model):  # ZeRO-3: whole parameters for the push, gathered by all processes
+            if main:
+                metrics = self._push_and_verify(model, step, ours)
+        trainer.accelerator.wait_for_everyone()
+        self.synced_step = step
+        return metrics
+
+    def _push_and_verify(self, model, step: int, ours) -> dict[str, float]:
         metrics: dict[str, float] = {}
         diff = None
         if self.synced_step is None and self.verifier is not None and self.sync.name != "nccl":
             # First call: the server loaded the model from disk; push only if it is not ours
             # (a resumed run, or a server started from another checkpoint).
             try:
-                diff = self.verifier.check(model, step)
+                diff = self.verifier.check(model, step, ours)
             except WeightSyncError:
                 pass
         if diff is None:
             metrics["sync/seconds"] = self.sync.push(model)
             if self.verifier is not None:
-                diff = self.verifier.check(model, step)
+                diff = self.verifier.check(model, step, ours)
         if diff is not None:
             metrics["sync/verify_max_logprob_diff"] = diff
             metrics["sync/verify_bound"] = self.verifier.last_bound
-        self.synced_step = step
         return metrics
 
     def _follow_restarts(self) -> None:

@@ -60,8 +60,11 @@ def wait_port_free(url: str, timeout_s: float = 30.0) -> None:
 
 
 class ServerStack:
-    def __init__(self, cfg: Config, log_dir: Path, nccl: bool):
+    def __init__(self, cfg: Config, log_dir: Path, nccl: bool, launch: bool = True):
         self.cfg = cfg
+        # False on the processes of a multi-process run other than the main one: they wait for the
+        # servers the main process launches.
+        self.launch = launch
         self.log_dir = Path(log_dir)
         self.nccl = nccl
         self.processes: list[ManagedProcess] = []
@@ -81,6 +84,9 @@ class ServerStack:
         self.stop()
 
     def start(self) -> None:
+        if not self.launch:
+            self._wait_for_main_process_servers()
+            return
         cfg = self.cfg
         # A server left over from an earlier run would answer our health checks in place of the one
         # we start (which then fails to bind): refuse to start on a port that is taken.
@@ -120,6 +126,21 @@ class ServerStack:
             self._wait_gym()
         else:
             wait_ready(cfg.gym.head_server_url, 120.0, unreachable_after_s=3.0)
+
+    def _wait_for_main_process_servers(self) -> None:
+        cfg = self.cfg
+        patience = 30.0 + sum(c.launch.startup_timeout_s for c in (cfg.vllm, cfg.gym) if c.launch.enabled)
+        deadline = time.monotonic() + patience
+        urls = [cfg.vllm.base_url.rstrip("/") + "/health"]
+        if cfg.judge.server == "launch":
+            urls.append(server_root(cfg.judge.base_url) + "/health")  # type: ignore[arg-type]
+        for url in urls:
+            while not http_ok(url):
+                if time.monotonic() > deadline:
+                    raise ServerError(f"{url} did not answer within {patience:g}s",
+                                      hint="the main process (rank 0) starts the servers: see its log")
+                time.sleep(1.0)
+        wait_ready(cfg.gym.head_server_url, max(10.0, deadline - time.monotonic()))
 
     def _launch(self, process: ManagedProcess) -> ManagedProcess:
         process.start()

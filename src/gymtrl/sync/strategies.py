@@ -16,6 +16,7 @@ import shutil
 import time
 from pathlib import Path
 
+from gymtrl.distributed import is_zero3
 from gymtrl.sync.vllm_control import VLLMControl
 
 
@@ -99,7 +100,11 @@ class ReloadSync(WeightSync):
         start = time.monotonic()
         staging = self.sync_dir.with_name(self.sync_dir.name + ".staging")
         shutil.rmtree(staging, ignore_errors=True)
-        model.save_pretrained(staging, safe_serialization=True)
+        # Under ZeRO-3 (inside full_weights) the parameters are whole only for now: hand their values
+        # over, since save_pretrained does not gather DeepSpeed shards itself.
+        state_dict = ({k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
+                      if is_zero3(model) else None)
+        model.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
         write_untied_head(model, staging)
         # Swap in whole: vLLM never reads a half-written directory.
         old = self.sync_dir.with_name(self.sync_dir.name + ".old")

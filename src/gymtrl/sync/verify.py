@@ -70,9 +70,14 @@ class SyncVerifier:
         self._verified: tuple[int, list[float]] | None = None
         self._recent_diffs: list[float] = []
 
-    def check(self, model, step: int) -> float:
+    def trainer_side(self, model) -> tuple[list[float], float]:
+        """The trainer's probe logprobs and largest |logit|. Under ZeRO-3 this forward pass is a
+        collective: every process must run it (DeepSpeed's hooks gather the shards)."""
+        return trainer_logprobs(model, self.probe_ids, with_max_logit=True)
+
+    def check(self, model, step: int, trainer_side: tuple[list[float], float] | None = None) -> float:
         """Raise WeightSyncError if the server's logprobs differ from the trainer's; return max diff."""
-        ours, max_logit = trainer_logprobs(model, self.probe_ids, with_max_logit=True)
+        ours, max_logit = trainer_side or self.trainer_side(model)
         theirs = self.control.prompt_logprobs(self.served_model, self.probe_ids)
         diff = max(abs(a - b) for a, b in zip(ours, theirs))
         bound = self.tolerance
