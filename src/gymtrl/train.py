@@ -122,7 +122,10 @@ def train(cfg: Config, resume: str | None = None) -> Path:
     ensure_open_files(cfg.rollout.max_concurrency)  # before launching: the servers inherit it
     # The main process launches the servers; the others wait for them (and never launch any).
     with ServerStack(cfg, out_dir / "logs", nccl=strategy == "nccl", launch=rank == 0) as servers:
-        topo = discover(cfg.gym.head_server_url, cfg.gym.rewrite_loopback_hosts)
+        def find_agents():
+            return discover(cfg.gym.head_server_url, cfg.gym.rewrite_loopback_hosts)
+
+        topo = find_agents()
         check_routes(train_rows + eval_rows, topo)
         store: dict[str, dict] = {}
         train_ds = build_split("train", train_rows, topo, store)
@@ -165,8 +168,7 @@ def train(cfg: Config, resume: str | None = None) -> Path:
             vocab_size=model_vocab_size(cfg), watch=supervisor.watch,
         )
         placeholder = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
-        rollout_func = GymRolloutFunc(engine, store, sync, verifier, placeholder, supervisor,
-                                      rediscover=lambda: discover(cfg.gym.head_server_url, cfg.gym.rewrite_loopback_hosts))
+        rollout_func = GymRolloutFunc(engine, store, sync, verifier, placeholder, supervisor, rediscover=find_agents)
 
         class WatchServers(TrainerCallback):
             def on_step_end(self, *a, **k):
