@@ -19,10 +19,6 @@ def rank_and_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def is_main_process() -> bool:
-    return rank_and_world()[0] == 0
-
-
 def is_zero3(model) -> bool:
     """Parameters partitioned by DeepSpeed ZeRO-3 carry a `ds_id`."""
     return any(hasattr(p, "ds_id") for p in model.parameters())
