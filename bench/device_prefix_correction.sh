@@ -11,8 +11,11 @@
 # tool-call format on the GPU for a few hundred steps, so that its episodes have several turns.
 set -uo pipefail
 out=${OUT:-/tmp/out}; mkdir -p "$out"
-inst=$(ls .gpu-bundle/p*/install.sh | tail -1)  # any carried part can finish the install
+inst=  # the last carried part's install.sh (any carried part can finish the install)
+for f in .gpu-bundle/p*/install.sh; do if [ -e "$f" ]; then inst=$f; fi; done
 bash "$inst" --need-all > "$out/install.log" 2>&1 || { tail -5 "$out/install.log"; exit 3; }
+# /tmp/site/env.sh is written on the device by the bundle's install.sh: nothing to follow here.
+# shellcheck source=/dev/null
 . /tmp/site/env.sh
 python3 -m pip install -q --no-deps --no-index --target /tmp/extra .gpu-extra/*.whl > /dev/null 2>&1
 export PYTHONPATH="$PWD/src:$PYTHONPATH:/tmp/extra"   # the bundle's versions win over the extras

@@ -26,25 +26,28 @@ set -uo pipefail
 mode=${1:-run}; shift || true
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 note() { echo "[device_gpu_2x $(date +%T)] $*" | tee -a "$OUT/gpus.txt"; }
+first_file() { local f; for f in "$@"; do if [ -e "$f" ]; then echo "$f"; return 0; fi; done; return 1; }
 
 unpack_extra() {  # pure-Python wheels: a wheel is a zip, no pip needed
   [ -d /tmp/extra ] && return 0
   ls .gpu-extra/*.whl > /dev/null 2>&1 || { note "no /tmp/extra and no .gpu-extra carried"; return 1; }
+  local wheels=(.gpu-extra/*.whl)
   python3 -c 'import glob, zipfile; [zipfile.ZipFile(w).extractall("/tmp/extra.tmp") for w in glob.glob(".gpu-extra/*.whl")]' \
-    && mv /tmp/extra.tmp /tmp/extra && note "unpacked $(ls .gpu-extra/*.whl | wc -l) wheels into /tmp/extra"
+    && mv /tmp/extra.tmp /tmp/extra && note "unpacked ${#wheels[@]} wheels into /tmp/extra"
 }
 
 make_model() {
   [ -f /tmp/model/config.json ] && return 0
-  local tool; tool=$(ls .gpu-bundle/p*/make_tiny_qwen.py /tmp/site/gpu-bundle-tools/make_tiny_qwen.py 2>/dev/null | head -1)
+  local tool; tool=$(first_file .gpu-bundle/p*/make_tiny_qwen.py /tmp/site/gpu-bundle-tools/make_tiny_qwen.py)
   local t0=$SECONDS
-  python3 "$tool" /tmp/model.tmp --shape 0.5b --seed 0 > /tmp/model.log 2>&1 && mv /tmp/model.tmp /tmp/model \
-    || { note "make_tiny_qwen failed:"; tail -5 /tmp/model.log | tee -a "$OUT/gpus.txt"; return 1; }
+  if ! { python3 "$tool" /tmp/model.tmp --shape 0.5b --seed 0 > /tmp/model.log 2>&1 && mv /tmp/model.tmp /tmp/model; }; then
+    note "make_tiny_qwen failed:"; tail -5 /tmp/model.log | tee -a "$OUT/gpus.txt"; return 1
+  fi
   note "model /tmp/model built in $((SECONDS - t0)) s"
 }
 
 if [ "$mode" = prep ]; then
-  inst=$(ls .gpu-bundle/p*/install.sh | head -1)
+  inst=$(first_file .gpu-bundle/p*/install.sh)
   bash "$inst" 2>&1 | tail -3
   unpack_extra; make_model
   nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader
@@ -54,20 +57,25 @@ fi
 # ---- run LIMIT [key=value ...] | controls LIMIT ----------------------------------------------
 limit=${1:-420}; shift || true
 : > "$OUT/gpus.txt"
-inst=$(ls .gpu-bundle/p*/install.sh 2>/dev/null | head -1)
+inst=$(first_file .gpu-bundle/p*/install.sh)
 if [ -n "$inst" ]; then
   bash "$inst" --need-all > /tmp/install.log 2>&1 || { tail -5 /tmp/install.log; exit 3; }
 elif [ ! -f /tmp/site/env.sh ]; then
   echo "bundle not installed and no part carried (the machine went cold?)"; exit 3
 fi
+# /tmp/site/env.sh is written on the device by the bundle's install.sh: nothing to follow here.
+# shellcheck source=/dev/null
 . /tmp/site/env.sh
 unpack_extra || exit 3
 make_model || exit 4
 export PYTHONPATH="$PWD/src:$PYTHONPATH:/tmp/extra"  # the bundle's versions win over the extras
 # PATCH=file.diff: a proposed change to src/, applied to the device's copy of the tree only.
 if [ -n "${PATCH:-}" ]; then
-  (patch -p1 --forward < "$PATCH" || git apply "$PATCH") > /tmp/patch.log 2>&1 \
-    && note "applied $PATCH: $(grep -c '^+++' "$PATCH") files" || { cat /tmp/patch.log; exit 6; }
+  if (patch -p1 --forward < "$PATCH" || git apply "$PATCH") > /tmp/patch.log 2>&1; then
+    note "applied $PATCH: $(grep -c '^+++' "$PATCH") files"
+  else
+    cat /tmp/patch.log; exit 6
+  fi
 fi
 
 # The bundle is a site dir run by the image's python3: give gymtrl's launcher venv-shaped folders,
@@ -98,7 +106,7 @@ port_busy() { ! python3 -c "import socket,sys; s=socket.socket(); s.setsockopt(s
 kill_leftovers() {
   local pids p
   pids="$(nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/null)
-$(ps -eo pid=,args= | grep -E '/tmp/(site|vllm-venv)/bin/vllm|gym_launcher\.py|VLLM::|gymtrl_device_main|python3? app\.py' | grep -v grep | awk '{print $1}')"
+$(pgrep -f '/tmp/(site|vllm-venv)/bin/vllm|gym_launcher\.py|VLLM::|gymtrl_device_main|python3? app\.py')"
   for p in $(echo "$pids" | sort -u); do
     [ "$p" = $$ ] || [ "$p" = "$PPID" ] && continue
     ps -o pid=,args= -p "$p" 2>/dev/null | cut -c1-150 | sed 's/^/  killing leftover: /' >> "$OUT/gpus.txt"
@@ -107,7 +115,7 @@ $(ps -eo pid=,args= | grep -E '/tmp/(site|vllm-venv)/bin/vllm|gym_launcher\.py|V
   for _ in $(seq 30); do port_busy 8000 || port_busy 11000 || break; sleep 1; done
 }
 kill_leftovers
-for port in 8000 11000; do port_busy $port && { note "port $port still taken"; ps -eo pid,args | grep -v grep | grep -E 'python|vllm' | cut -c1-200 >> "$OUT/gpus.txt"; exit 5; }; done
+for port in 8000 11000; do port_busy $port && { note "port $port still taken"; pgrep -af 'python|vllm' | cut -c1-200 >> "$OUT/gpus.txt"; exit 5; }; done
 note "ports 8000 and 11000 free; GPU processes: $(nvidia-smi --query-compute-apps=pid --format=csv,noheader | wc -l)"
 
 # TRL's profiler (sync_weights is one of its blocks) reports to wandb/mlflow/trackio only: write
@@ -164,17 +172,17 @@ run_gymtrl() {
   local run=/tmp/run-$tag t0=$SECONDS rc
   rm -rf "$run" "$run.train.log"; touch "$run.train.log"
   ( while sleep 15; do
-      echo "$(date +%T) $tag steps=$(wc -l < $run/metrics.jsonl 2>/dev/null || echo 0) gpu_mem_MiB=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | paste -sd/) | $(tail -c 300 $run.train.log | tr '\r\n' '  ' | tail -c 160)"
+      echo "$(date +%T) $tag steps=$(wc -l < "$run/metrics.jsonl" 2>/dev/null || echo 0) gpu_mem_MiB=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | paste -sd/) | $(tail -c 300 "$run.train.log" | tr '\r\n' '  ' | tail -c 160)"
     done >> /tmp/progress.log ) &
   mon=$!
   note "gymtrl train [$tag]: limit ${limit} s, overrides: $*"
   CUDA_VISIBLE_DEVICES=0 PYTHONUNBUFFERED=1 GYMTRL_PROFILE_JSONL=$run/profile.jsonl \
     timeout -s INT -k 20 "$limit" python3 /tmp/gymtrl_device_main.py train --config configs/gpu-2x.yaml \
-    model.name_or_path=/tmp/model "gym.launch.env.PYTHONPATH=$GYM_PYTHONPATH" output.dir=$run \
+    model.name_or_path=/tmp/model "gym.launch.env.PYTHONPATH=$GYM_PYTHONPATH" "output.dir=$run" \
     vllm.launch.startup_timeout_s=300 gym.launch.startup_timeout_s=180 rollout.timeout_s=60 "$@" > "$run.train.log" 2>&1
   rc=$?
   kill "$mon" 2>/dev/null; mon=
-  note "gymtrl train [$tag] exited $rc after $((SECONDS - t0)) s; steps logged: $(grep -c '"reward"' $run/metrics.jsonl 2>/dev/null || echo 0)"
+  note "gymtrl train [$tag] exited $rc after $((SECONDS - t0)) s; steps logged: $(grep -c '"reward"' "$run/metrics.jsonl" 2>/dev/null || echo 0)"
   tail -c 600 "$run.train.log" | tr '\r' '\n' | tail -3
   summary "$run"
   kill_leftovers

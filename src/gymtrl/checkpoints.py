@@ -3,8 +3,8 @@
 - A checkpoint counts as complete only once the Trainer has written all of it (model, optimizer,
   scheduler, RNG, trainer state): gymtrl then adds a marker file. A save cut short by a kill leaves
   no marker, so `--resume auto` passes over it, and `--resume PATH` refuses it with the reason.
-- The first SIGTERM or SIGINT (preemption, Ctrl-C) asks the run to stop at the end of the current
-  step with a checkpoint; a second one stops at once.
+- The first SIGTERM or SIGINT (preemption, Ctrl-C), or a stop file (<output.dir>/STOP), asks the
+  run to stop at the end of the current step with a checkpoint; a second signal stops at once.
 - A run that must stop on an error (a server died, too many rollouts failed) saves a checkpoint of
   its last finished step first.
 """
@@ -81,16 +81,33 @@ class MarkCompleteCheckpoints(TrainerCallback):
 
 
 class GracefulStop(TrainerCallback):
-    """First SIGTERM/SIGINT while training: checkpoint at the end of this step, then stop. A second
-    one, or one before training has begun (nothing to save yet), stops at once."""
+    """Stop at the end of this step with a checkpoint when asked: by the first SIGTERM/SIGINT, or
+    by a stop file appearing (`touch <output.dir>/STOP`; reaches every node of a multi-node run
+    through the shared file system, with no signal to a launcher that might kill its workers first).
+    A second signal stops at once, as does one before training has begun (nothing to save yet).
 
-    def __init__(self) -> None:
+    Slurm signals every process of a job step, and a launcher (torchrun, under accelerate) passes
+    the same signal on to its workers: a repeat within DUPLICATE_SIGNAL_S is that one delivery, not
+    a second request."""
+
+    DUPLICATE_SIGNAL_S = 1.0
+
+    def __init__(self, stop_file: Path | None = None) -> None:
         self.signal: int | None = None
+        self.stop_file = stop_file
+        self.reason: str | None = None
         self.training = False
+        self._signalled_at = 0.0
 
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
+
+    def clear_stop_file(self) -> None:
+        """A stop file left from before this run (the one that made the last run stop) is not a request to this one."""
+        if self.stop_file is not None and self.stop_file.exists():
+            log.info("removing %s left by an earlier run", self.stop_file)
+            self.stop_file.unlink(missing_ok=True)
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.training = True
@@ -99,19 +116,35 @@ class GracefulStop(TrainerCallback):
         self.training = False
 
     def _handle(self, signum, frame) -> None:
+        if self.signal is not None and time.monotonic() - self._signalled_at < self.DUPLICATE_SIGNAL_S:
+            return
         if self.signal is not None or not self.training:
             raise KeyboardInterrupt(f"signal {signum}")
         self.signal = signum
+        self._signalled_at = time.monotonic()
+        self.reason = signal.Signals(signum).name
         log.warning("received %s: saving a checkpoint at the end of this step, then stopping "
-                    "(send it again to stop at once)", signal.Signals(signum).name)
+                    "(send it again to stop at once)", self.reason)
+
+    def _stop_file_seen(self) -> bool:
+        if self.stop_file is None or self.reason is not None or not self.stop_file.exists():
+            return False
+        self.reason = f"stop file {self.stop_file}"
+        log.warning("found %s: saving a checkpoint at the end of this step, then stopping", self.stop_file)
+        return True
 
     def on_step_end(self, args, state, control, **kwargs):
-        # Every process stops at the same step (a save is collective), whichever got the signal.
-        if any_process(self.signal is not None, args.device):
-            self.signal = self.signal or signal.SIGTERM
+        asked = self.signal is not None or self._stop_file_seen() or self.reason is not None
+        # Every process stops at the same step (a save is collective), whichever was asked.
+        if any_process(asked, args.device):
+            self.reason = self.reason or "another process's stop request"
             control.should_save = True
             control.should_training_stop = True
         return control
+
+    @property
+    def stopped(self) -> bool:
+        return self.reason is not None
 
 
 def save_now(trainer) -> Path | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -52,21 +53,55 @@ def train(
     resume: Optional[str] = typer.Option(
         None, "--resume", help="auto (the newest complete checkpoint in output.dir; none: start fresh) "
         "or a checkpoint directory."),
+    servers: Optional[Path] = typer.Option(
+        None, "--servers", help="Use the servers a `gymtrl serve --ready-file` reported (waiting for the "
+        "file) instead of launching any."),
+    stop_file: Optional[str] = typer.Option(
+        None, "--stop-file", help="A file whose appearance makes the run checkpoint and stop at the end of "
+        "the step (default: <output.dir>/STOP; removed at start)."),
 ) -> None:
     """Train a policy with GRPO on NeMo Gym environments."""
     from gymtrl.config import load_config
 
     try:
         cfg = load_config(config, overrides or [])
+        if servers is not None:
+            from gymtrl.serve import attach_servers
+
+            attach_servers(cfg, servers)
         from gymtrl.train import train as run_training
 
-        final = run_training(cfg, resume=resume)
+        final = run_training(cfg, resume=resume, stop_file=stop_file)
     except GymtrlError as e:
         _fail(e)
     except KeyboardInterrupt:
         typer.secho("gymtrl: interrupted; servers stopped", err=True)
         sys.exit(130)
     typer.echo(f"gymtrl: training finished; final model in {final}")
+
+
+@app.command(context_settings={"allow_extra_args": True})
+def serve(
+    config: str = typer.Option(..., "--config", "-c", help="YAML config file (the one the trainers use)."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides"),
+    host: Optional[str] = typer.Option(None, "--host", help="Address the servers listen on and trainers "
+                                       "reach them at (default: this machine's short hostname)."),
+    ready_file: Optional[Path] = typer.Option(None, "--ready-file", help="Where to write the servers' URLs "
+                                              "once all are healthy (for `gymtrl train --servers`)."),
+) -> None:
+    """Start the config's servers (vLLM, judge, NeMo Gym) and hold them up for trainers on other
+    nodes, until SIGTERM; exits non-zero as soon as one of them dies."""
+    from gymtrl.config import load_config
+    from gymtrl.serve import default_host, serve as run_servers
+
+    try:
+        cfg = load_config(config, overrides or [])
+        run_servers(cfg, host or default_host(), ready_file)
+    except GymtrlError as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        pass
+    typer.echo("gymtrl: servers stopped")
 
 
 @app.command("prepare-data", context_settings={"allow_extra_args": True})

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 from pathlib import Path
 
 from gymtrl.config import Config, write_resolved_config
@@ -22,6 +21,8 @@ from gymtrl.rollout.fd_limit import ensure_open_files
 from gymtrl.servers.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
+# Created by anyone (slurm/submit.sh at the time limit): the run checkpoints and stops at the step's end.
+STOP_FILE = "STOP"
 
 
 def build_grpo_config(cfg: Config, strategy: str, cuda: bool):
@@ -74,7 +75,7 @@ class _DropUnscorableSampleDumps(logging.Filter):
         return "All reward functions returned None" not in str(record.msg)  # accelerate prefixes "[RANK n] "
 
 
-def train(cfg: Config, resume: str | None = None) -> Path:
+def train(cfg: Config, resume: str | None = None, stop_file: str | None = None) -> Path:
     import torch
     from transformers import AutoTokenizer, TrainerCallback
     from trl import GRPOTrainer
@@ -97,12 +98,13 @@ def train(cfg: Config, resume: str | None = None) -> Path:
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     logging.getLogger("trl.trainer.grpo_trainer").addFilter(_DropUnscorableSampleDumps())
     export_env_yaml_api_key(cfg)
-    stopper = GracefulStop()
-    stopper.install()
     out_dir = Path(cfg.output.dir)
+    stopper = GracefulStop(Path(stop_file) if stop_file else out_dir / STOP_FILE)
+    stopper.install()
     rank, world = rank_and_world()
     if rank == 0:
         write_resolved_config(cfg, out_dir)
+        stopper.clear_stop_file()
     if cfg.logging.wandb:
         os.environ.setdefault("WANDB_PROJECT", cfg.logging.wandb_project)
         os.environ.setdefault("WANDB_MODE", cfg.logging.wandb_mode)
@@ -197,10 +199,10 @@ def train(cfg: Config, resume: str | None = None) -> Path:
         finally:
             engine.close()
             control.close()
-        if stopper.signal is not None:
+        if stopper.stopped:
             path = save_now(trainer)
             raise StoppedBySignal(
-                f"stopped by {signal.Signals(stopper.signal).name} at step {trainer.state.global_step}; "
+                f"stopped by {stopper.reason} at step {trainer.state.global_step}; "
                 f"checkpoint: {path}", hint="continue with the same command and --resume auto")
         final = out_dir / "final"
         trainer.save_model(str(final))  # collective under ZeRO-3; the main process writes

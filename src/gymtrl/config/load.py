@@ -341,6 +341,8 @@ def _check_values(cfg: Config, source: str) -> None:
             raise ConfigError(f"{source}: {key} must be one of {', '.join(DTYPES)}, got '{value}'")
     if not cfg.data.train:
         raise ConfigError(f"{source}: data.train lists no files")
+    if cfg.vllm.tensor_parallel_size < 1:
+        raise ConfigError(f"{source}: vllm.tensor_parallel_size must be >= 1, got {cfg.vllm.tensor_parallel_size}")
     r = cfg.rollout
     if r.max_concurrency < 1 or r.timeout_s <= 0 or r.retries < 0:
         raise ConfigError(f"{source}: rollout.max_concurrency >= 1, rollout.timeout_s > 0 and rollout.retries >= 0 are required")

@@ -70,6 +70,8 @@ class VLLMConfig:
     # Server dtype when gymtrl launches it (float32 makes trainer/server logprobs match tightly).
     dtype: str = "auto"
     max_model_len: int = 4096
+    # GPUs one launched vLLM spreads the model over (--tensor-parallel-size).
+    tensor_parallel_size: int = 1
     # On-policy prefix correction for multi-turn episodes (gymtrl's vLLM plugin; README: "Multi-turn
     # on-policy"). When gymtrl launches vLLM it installs and switches it on; a server you start
     # yourself must run it, or the run stops at start-up. false: serve without it (episodes whose

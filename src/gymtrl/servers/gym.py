@@ -41,6 +41,9 @@ def gym_command(cfg: Config, log_dir: Path) -> list[str]:
         # Read by NeMo Gym from the environment, so the key never lands on a command line or in a log.
         "policy_api_key": f"${{oc.env:{cfg.vllm.api_key_env},EMPTY}}",
         "policy_model_name": served_model_name(cfg),
+        # Every server listens where the head does (NeMo Gym's default is loopback), so agents on
+        # a server node are reachable by trainers on other nodes (gymtrl serve --host).
+        "default_host": head.hostname or "127.0.0.1",
     }
     for key, value in {**policy, **pool_overrides(cfg), **judge_overrides(cfg, log_dir), **launch.overrides}.items():
         cmd += ["--set", f"{key}={json.dumps(value)}"]

@@ -32,6 +32,8 @@ def vllm_command(cfg: Config, nccl: bool) -> list[str]:
         # Sampling logprobs as the sampler saw them (after temperature), as TRL's server does.
         "--logprobs-mode", "processed_logprobs", "--max-logprobs", "-1",
     ]
+    if cfg.vllm.tensor_parallel_size > 1:
+        cmd += ["--tensor-parallel-size", str(cfg.vllm.tensor_parallel_size)]
     if nccl:
         cmd += ["--weight-transfer-config", '{"backend":"nccl"}']
     return cmd + list(launch.extra_args)
