@@ -128,6 +128,8 @@ def train(cfg: Config, resume: str | None = None, stop_file: str | None = None) 
             return discover(cfg.gym.head_server_url, cfg.gym.rewrite_loopback_hosts)
 
         topo = find_agents()
+        log.info("NeMo Gym agents: %s", ", ".join(f"{a} ({len(topo.urls_of(a))} copies)" if a in topo.copies else a
+                                                 for a in sorted(topo.agents)))
         check_routes(train_rows + eval_rows, topo)
         store: dict[str, dict] = {}
         train_ds = build_split("train", train_rows, topo, store)

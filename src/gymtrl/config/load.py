@@ -341,6 +341,8 @@ def _check_values(cfg: Config, source: str) -> None:
             raise ConfigError(f"{source}: {key} must be one of {', '.join(DTYPES)}, got '{value}'")
     if not cfg.data.train:
         raise ConfigError(f"{source}: data.train lists no files")
+    if cfg.gym.launch.copies < 1:
+        raise ConfigError(f"{source}: gym.launch.copies must be >= 1, got {cfg.gym.launch.copies}")
     if cfg.vllm.tensor_parallel_size < 1:
         raise ConfigError(f"{source}: vllm.tensor_parallel_size must be >= 1, got {cfg.vllm.tensor_parallel_size}")
     r = cfg.rollout

@@ -86,6 +86,10 @@ class GymLaunchConfig(ProcessLaunchConfig):
     config_paths: list[str] = field(default_factory=list)
     # Extra NeMo Gym config values, as in `gym env start ++key=value`.
     overrides: dict[str, Any] = field(default_factory=dict)
+    # Copies of every NeMo Gym server (agents, resources servers, model adapters: each is a single
+    # Python process, and one copy becomes the bottleneck with many rollouts in flight). Rollouts
+    # spread over an agent's copies; a rollout stays on one copy of everything it calls.
+    copies: int = 1
 
 
 @dataclass

@@ -12,6 +12,7 @@ when it is an agent, or, when it is a resources server, to the one agent that re
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,6 +28,10 @@ RESOURCES_TYPE = "resources_servers"
 LOOPBACK = {"127.0.0.1", "0.0.0.0", "localhost", "::1"}
 
 
+# gym_launcher.py --copies names copy k of instance X "X__copy<k>".
+_COPY = re.compile(r"^(?P<base>.+)__copy(?P<k>\d+)$")
+
+
 @dataclass
 class GymTopology:
     agents: dict[str, str]  # agent instance name -> base URL
@@ -35,6 +40,11 @@ class GymTopology:
     # dataset pins: declaring instance -> pinned agent (a dataset's `agent:` key)
     pins: dict[str, str] = field(default_factory=dict)
     resources: dict[str, str] = field(default_factory=dict)  # resources server instance -> base URL
+    # agent instance -> the base URLs of all its copies (the agent's own first), when it has copies
+    copies: dict[str, list[str]] = field(default_factory=dict)
+
+    def urls_of(self, agent: str) -> list[str]:
+        return self.copies.get(agent) or [self.agents[agent]]
 
     def resources_url_of(self, agent: str) -> str | None:
         """The URL of the resources server (verifier) an agent instance uses."""
@@ -111,7 +121,21 @@ def topology_from_config(config: dict, head_host: str | None = None, require_add
             res = block.get("resources_server")
             if isinstance(res, dict) and res.get("name"):
                 resources_to_agents.setdefault(str(res["name"]), []).append(name)
-    return GymTopology(agents, resources_to_agents, pins, resources)
+    return _fold_copies(GymTopology(agents, resources_to_agents, pins, resources))
+
+
+def _fold_copies(topo: GymTopology) -> GymTopology:
+    """Copies of an instance are not instances of their own: an agent's copies become its URLs."""
+    for name in sorted(topo.agents, key=lambda n: (len(n), n)):
+        m = _COPY.match(name)
+        if m and m["base"] in topo.agents:
+            topo.copies.setdefault(m["base"], [topo.agents[m["base"]]]).append(topo.agents.pop(name))
+    for name in list(topo.resources):
+        m = _COPY.match(name)
+        if m and m["base"] in topo.resources:
+            del topo.resources[name]
+            topo.resources_to_agents.pop(name, None)
+    return topo
 
 
 def fetch_global_config(head_url: str, timeout_s: float = 10.0) -> dict:

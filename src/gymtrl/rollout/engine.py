@@ -22,6 +22,7 @@ import asyncio
 import concurrent.futures
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
@@ -94,11 +95,30 @@ def outcome_from_result(env: str, result: RunResult, vocab_size: int | None = No
     return RolloutOutcome(env, None, None, failure, detail, result.latency_s, reply, calls)
 
 
+class CopyPicker:
+    """Spreads rollouts over an agent's copies (gym.launch.copies): each goes to the copy with the
+    fewest rollouts in flight. Used from the rollout event loop only, so it needs no lock."""
+
+    def __init__(self) -> None:
+        self.in_flight: Counter = Counter()
+        self.served: Counter = Counter()  # rollouts sent to each URL, for the logs and tests
+
+    def acquire(self, urls: list[str]) -> str:
+        url = min(urls, key=lambda u: self.in_flight[u])
+        self.in_flight[url] += 1
+        self.served[url] += 1
+        return url
+
+    def release(self, url: str) -> None:
+        self.in_flight[url] -= 1
+
+
 class RolloutEngine:
     def __init__(self, topology: GymTopology, sampling: SamplingParams, ledger: FailureLedger,
                  max_concurrency: int, timeout_s: float, retries: int, retry_backoff_s: float,
                  vocab_size: int | None = None, watch: Callable[[], None] | None = None):
         self.topology = topology
+        self.copies = CopyPicker()
         self.watch = watch  # raises (ServerError) when a server this run depends on has died
         self.vocab_size = vocab_size  # token ids at or above it are refused (malformed_token_ids)
         self.sampling = sampling
@@ -113,7 +133,11 @@ class RolloutEngine:
         env = self.topology.route(row)
         if env is None:  # checked before training; a row can only get here if the config changed
             return RolloutOutcome("unrouted", None, None, FailureKind.HTTP_ERROR, "row routes to no agent", 0.0, None)
-        result = await client.run(self.topology.agents[env], self.sampling.apply(row))
+        url = self.copies.acquire(self.topology.urls_of(env))
+        try:
+            result = await client.run(url, self.sampling.apply(row))
+        finally:
+            self.copies.release(url)
         return outcome_from_result(env, result, self.vocab_size)
 
     def run(self, rows: list[dict]) -> list[RolloutOutcome]:

@@ -47,6 +47,8 @@ def gym_command(cfg: Config, log_dir: Path) -> list[str]:
     }
     for key, value in {**policy, **pool_overrides(cfg), **judge_overrides(cfg, log_dir), **launch.overrides}.items():
         cmd += ["--set", f"{key}={json.dumps(value)}"]
+    if launch.copies > 1:
+        cmd += ["--copies", str(launch.copies)]
     if cfg.judge.server != "none":
         cmd += ["--judge-server", "policy_model" if cfg.judge.server == "policy" else JUDGE_INSTANCE]
         for name in cfg.judge.resources_servers:

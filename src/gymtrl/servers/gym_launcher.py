@@ -7,6 +7,7 @@ the agents, model adapter and resources servers gymtrl uses, and neither works o
   1. resolve the global config with NeMo Gym's own parser (config files, then --set values);
      every server gets its host and port there;
   2. drop environment-server relays (legacy_agent starts Ray; gymtrl calls agents' /run directly);
+     with --copies K, add K-1 copies of every server (each NeMo Gym server is one Python process);
   3. serve the head server (HeadServer: /global_config_dict_yaml, /server_instances, /readyz)
      from this process;
   4. start each server as `python app.py` in its directory with NEMO_GYM_CONFIG_DICT and
@@ -111,6 +112,50 @@ def server_blocks(config):
                         yield name, server_type, impl, block
 
 
+COPY_SUFFIX = "__copy"  # gymtrl's discovery groups "<name>__copy<k>" under <name>
+
+
+def free_port(host: str) -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def replicate(config, copies: int) -> list[str]:
+    """Add copies 1..copies-1 of every server instance: copy k's references to other instances
+    (an agent's resources_server and model_server, a resources server's judge) name their copy k,
+    so a rollout sent to one copy of an agent stays on that copy of everything it calls. Copies
+    get their own ports and no datasets (those stay declared once). Returns the names added."""
+    from omegaconf import OmegaConf
+
+    names = sorted({name for name, *_ in server_blocks(config)})
+
+    def renamed(node, k: int):
+        if isinstance(node, dict):
+            if node.get("type") in SERVER_TYPES and node.get("name") in names:
+                return {**node, "name": f"{node['name']}{COPY_SUFFIX}{k}"}
+            return {key: renamed(value, k) for key, value in node.items()}
+        if isinstance(node, list):
+            return [renamed(value, k) for value in node]
+        return node
+
+    added = []
+    for k in range(1, copies):
+        for name in names:
+            # (unresolved: ${oc.env:...} secrets must not be written out resolved)
+            copy = renamed(OmegaConf.to_container(config[name], resolve=False), k)
+            for server_type in SERVER_TYPES:
+                for block in (copy.get(server_type) or {}).values():
+                    if isinstance(block, dict) and "entrypoint" in block:
+                        block["port"] = free_port(str(block.get("host") or "127.0.0.1"))
+                        block.pop("datasets", None)
+            config[f"{name}{COPY_SUFFIX}{k}"] = OmegaConf.create(copy)
+            added.append(f"{name}{COPY_SUFFIX}{k}")
+    return added
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description="Start NeMo Gym servers without Ray (gymtrl).")
     ap.add_argument("--config", action="append", default=[], help="NeMo Gym config YAML (repeatable)")
@@ -124,6 +169,8 @@ def main() -> int:
     ap.add_argument("--judge-for", action="append", default=[],
                     help="resources server instance whose LLM judge to switch on (repeatable)")
     ap.add_argument("--judge-server", default="policy_model", help="model server instance the judge calls")
+    ap.add_argument("--copies", type=int, default=1,
+                    help="run this many copies of every server; rollouts spread over the agents' copies")
     args = ap.parse_args()
 
     roots = [str(Path(r).resolve()) for r in args.extra_root]
@@ -150,6 +197,9 @@ def main() -> int:
         del config[name]
     for name in args.judge_for:
         wire_judge(config, name, args.judge_server)
+    if args.copies > 1:
+        added = replicate(config, args.copies)
+        log(f"{args.copies} copies of every server: added {len(added)} instances")
     config_yaml = OmegaConf.to_yaml(config)
     os.environ["NEMO_GYM_CONFIG_DICT"] = config_yaml  # HeadServer and children read it from here
     (log_dir / "gym_config.yaml").write_text(config_yaml)
