@@ -134,7 +134,7 @@ class GracefulStop(TrainerCallback):
         return True
 
     def on_step_end(self, args, state, control, **kwargs):
-        asked = self.signal is not None or self._stop_file_seen() or self.reason is not None
+        asked = self._stop_file_seen() or self.reason is not None  # (a signal sets the reason)
         # Every process stops at the same step (a save is collective), whichever was asked.
         if any_process(asked, args.device):
             self.reason = self.reason or "another process's stop request"
