@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 from gymtrl.config import Config, write_resolved_config
@@ -91,7 +92,7 @@ def train(cfg: Config, resume: str | None = None, stop_file: str | None = None) 
     from gymtrl.rollout.rollout_func import GymRolloutFunc, make_env_reward
     from gymtrl.servers.stack import ServerStack
     from gymtrl.servers.vllm import served_model_name
-    from gymtrl.sync.strategies import NcclSync, ReloadSync, WeightSync, choose_strategy
+    from gymtrl.sync.strategies import NcclSync, ReloadSync, WeightSync, bound_nccl_join, choose_strategy
     from gymtrl.sync.verify import SyncVerifier, default_tolerance, probe_token_ids
     from gymtrl.sync.vllm_control import VLLMControl
 
@@ -143,6 +144,7 @@ def train(cfg: Config, resume: str | None = None, stop_file: str | None = None) 
             sync = ReloadSync(control, Path(cfg.sync.dir or out_dir / "weight_sync"))
         elif strategy == "nccl":
             sync = NcclSync()
+            bound_nccl_join(cfg.vllm.request_timeout_s, lambda: _nccl_join_timed_out(cfg, servers))
         else:
             sync = WeightSync()
         verifier = None
@@ -211,6 +213,21 @@ def train(cfg: Config, resume: str | None = None, stop_file: str | None = None) 
         if rank == 0:
             tokenizer.save_pretrained(str(final))
     return final
+
+
+def _nccl_join_timed_out(cfg: Config, servers) -> None:
+    """The trainer's side of the NCCL weight-sync group waits forever for a vLLM that never joins
+    (nothing can interrupt it): say why, stop the servers gymtrl launched, and exit."""
+    error = ServerError(
+        f"the vLLM server at {cfg.vllm.base_url} did not join the NCCL weight-sync group within "
+        f"{cfg.vllm.request_timeout_s:g}s (vllm.request_timeout_s)",
+        hint="a vLLM that already took weights from another trainer over NCCL cannot take a new one: restart it "
+        "(or let gymtrl launch it: vllm.launch.enabled=true), and check that the trainer and the server reach "
+        "each other on TRL's group port (51216)")
+    sys.stderr.write(f"gymtrl: error: {error}\n")
+    sys.stderr.flush()
+    servers.stop()
+    os._exit(error.exit_code)
 
 
 def model_vocab_size(cfg: Config) -> int | None:

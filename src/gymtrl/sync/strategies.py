@@ -13,8 +13,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from gymtrl.distributed import is_zero3
 from gymtrl.sync.vllm_control import VLLMControl
@@ -61,6 +63,30 @@ class NcclSync(WeightSync):
     def push(self, model) -> float:
         seconds, self.last_seconds = self.last_seconds, 0.0
         return seconds
+
+
+def bound_nccl_join(timeout_s: float, give_up: Callable[[], None]) -> None:
+    """TRL's VLLMClient.init_communicator waits in NCCL's rendezvous with no timeout, and a vLLM
+    that cannot take a new trainer never arrives: measured with vLLM 0.26 on 2x H100, a second
+    trainer against a server that had already synced with one hung at start-up for good. Past
+    `timeout_s`, call `give_up` (from a timer thread: the waiting thread cannot be interrupted)."""
+    from trl.generation.vllm_client import VLLMClient
+
+    original = VLLMClient.init_communicator
+    if getattr(original, "gymtrl_bounded", False):
+        return
+
+    def bounded_init_communicator(self, *args, **kwargs):
+        timer = threading.Timer(timeout_s, give_up)
+        timer.daemon = True
+        timer.start()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            timer.cancel()
+
+    bounded_init_communicator.gymtrl_bounded = True  # type: ignore[attr-defined]
+    VLLMClient.init_communicator = bounded_init_communicator
 
 
 def write_untied_head(model, directory: Path) -> None:
