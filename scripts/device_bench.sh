@@ -1,0 +1,248 @@
+#!/usr/bin/env bash
+# Issue 6's GPU benchmarks on the lent two-GPU machine (kind nvidia-h100-x2; no network), modelled on
+# scripts/device_gpu_2x.sh. Device calls, back to back (/tmp lives only while the machine stays warm,
+# 30 s after a call):
+#   run kind=nvidia-h100-x2 carry=[.gpu-bundle/p1, .gpu-bundle/p3, .gpu-extra, .bench-data]
+#       command: bash scripts/device_bench.sh prep
+#   run carry=[.gpu-bundle/p2, .bench-data] timeout_s=600  command: bash scripts/device_bench.sh run 560 gen05,gen15,collect
+#   (or, after its own prep on a fresh machine)       command: bash scripts/device_bench.sh run 490 pairs,stop
+# bench-data (here, once, after `source scripts/env.sh`): builds .bench-data from the CPU NeMo Gym venv.
+# prep: stashes the bundle parts, unpacks gymtrl's extra wheels (.gpu-extra) to /tmp/extra, copies
+#       .bench-data (NeMo Gym's legacy_agent relay and devtools for ng_collect_rollouts, which the
+#       bundle's pruned Gym lacks) to /tmp/bench-data, builds random-weight models of Qwen2.5-0.5B's and
+#       1.5B's shapes in /tmp/model-0.5b and /tmp/model-1.5b (make_tiny_qwen.py, no hub).
+# run BUDGET STAGES: finishes the install, starts the servers a stage needs if they are not up
+#       (bench/gpu_servers.py under setsid, so they stay up for the next call, as `gymtrl train`
+#       launches them), then runs the stages in order while BUDGET seconds last:
+#   gen05    bench/gpu_generation.py --parts gen, 256 x 256, 0.5B on GPU 1 (:8000/:11000) -> $OUT/generation.md
+#   gen15    the same on a 1.5B server on GPU 0 (:8001/:11001), then stops it        -> $OUT/generation.md
+#   collect  bench/collector_relay.py + bench/gpu_generation.py --parts collect (gymtrl vs ng_collect_rollouts)
+#   pairs    gymtrl train vs TRL GRPOTrainer (bench/gpu_step_vs_trl.py) at 64x128, collect, then 256x128:
+#            every trainer run on a fresh vLLM of its own (a second trainer's NCCL init on a vLLM 0.26
+#            server that had served one hung; six vLLMs started at once on one GPU failed their KV-cache
+#            check), gymtrl's vLLM on GPU 1 with its trainer on GPU 0, TRL's the other way round, each
+#            vLLM at 0.5 of its GPU -> $OUT/step.md, collect.md, scaling.md
+#   stop     stops every server this script started
+# $OUT always gets device.log (this script's notes and every stage's output), the stage files above
+# and logs.tgz (server logs, each trainer run's log, the collector's logs), at most 8 files.
+set -uo pipefail
+mode=${1:-run}; shift || true
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+LOG=$OUT/device.log
+note() { echo "[device_bench $(date +%T) +${SECONDS}s] $*" | tee -a "$LOG"; }
+first_file() { local f; for f in "$@"; do if [ -e "$f" ]; then echo "$f"; return 0; fi; done; return 1; }
+
+unpack_extra() {  # pure-Python wheels: a wheel is a zip, no pip needed
+  [ -d /tmp/extra ] && return 0
+  ls .gpu-extra/*.whl > /dev/null 2>&1 || { note "no /tmp/extra and no .gpu-extra carried"; return 1; }
+  local wheels=(.gpu-extra/*.whl)
+  python3 -c 'import glob, zipfile; [zipfile.ZipFile(w).extractall("/tmp/extra.tmp") for w in glob.glob(".gpu-extra/*.whl")]' \
+    && mv /tmp/extra.tmp /tmp/extra && note "unpacked ${#wheels[@]} wheels into /tmp/extra"
+}
+
+make_model() {  # $1: shape
+  local dir=/tmp/model-$1
+  [ -f "$dir/config.json" ] && return 0
+  local tool; tool=$(first_file .gpu-bundle/p*/make_tiny_qwen.py /tmp/site/gpu-bundle-tools/make_tiny_qwen.py)
+  if ! { python3 "$tool" "$dir.tmp" --shape "$1" --seed 0 > "/tmp/model-$1.log" 2>&1 && mv "$dir.tmp" "$dir"; }; then
+    note "make_tiny_qwen $1 failed:"; tail -5 "/tmp/model-$1.log" | tee -a "$LOG"; return 1
+  fi
+}
+
+if [ "$mode" = bench-data ]; then  # here, not on the device: what the bundle's pruned NeMo Gym lacks for ng_collect_rollouts
+  site=${GYMTRL_GYM_SITE:?source scripts/env.sh first}
+  rm -rf .bench-data/gym-extra .bench-data/legacy_agent && mkdir -p .bench-data/gym-extra
+  cp -r "$site"/environment_servers/legacy_agent .bench-data/legacy_agent && rm -rf .bench-data/legacy_agent/tests
+  for d in devtools asttokens executing; do cp -r "$site"/$d "$site"/$d-*.dist-info .bench-data/gym-extra/; done
+  find .bench-data -name __pycache__ -prune -exec rm -rf {} +
+  grep -qx '/.bench-data/' .git/info/exclude || echo '/.bench-data/' >> .git/info/exclude
+  du -sh .bench-data; exit 0
+fi
+
+if [ "$mode" = prep ]; then
+  inst=$(first_file .gpu-bundle/p*/install.sh)
+  bash "$inst" 2>&1 | tail -3
+  unpack_extra
+  [ -d .bench-data ] && rm -rf /tmp/bench-data && cp -r .bench-data /tmp/bench-data && note "copied .bench-data to /tmp/bench-data"
+  t0=$SECONDS
+  make_model 0.5b & p1=$!
+  make_model 1.5b & p2=$!
+  wait $p1; wait $p2
+  models=""; for m in /tmp/model-*; do [ -e "$m" ] && models+="$m "; done
+  note "models: $models in $((SECONDS - t0)) s"
+  nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG"
+  exit 0
+fi
+
+# ---- run BUDGET STAGES ---------------------------------------------------------------------------
+budget=${1:-560}; stages=${2:-gen05,gen15,step,collect}
+left() { echo $((budget - SECONDS)); }
+inst=$(first_file .gpu-bundle/p*/install.sh)
+if [ -n "$inst" ]; then
+  bash "$inst" --need-all > /tmp/install.log 2>&1 || { note "install incomplete (machine went cold?)"; tail -5 /tmp/install.log | tee -a "$LOG"; exit 3; }
+elif [ ! -f /tmp/site/env.sh ]; then
+  note "COLD: bundle not installed and no part carried (the machine went cold?)"; exit 3
+fi
+# /tmp/site/env.sh is written on the device by the bundle's install.sh: nothing to follow here.
+# shellcheck source=/dev/null
+. /tmp/site/env.sh
+unpack_extra || exit 3
+make_model 0.5b || exit 4
+# gymtrl as last committed: the working tree that travels may hold another session's unfinished edits.
+if [ -z "${GYMTRL_BENCH_SRC:-}" ]; then
+  if [ -d /tmp/gymtrl-head/src ] || { mkdir -p /tmp/gymtrl-head && git archive HEAD src | tar x -C /tmp/gymtrl-head; }; then
+    export GYMTRL_BENCH_SRC=/tmp/gymtrl-head/src
+    note "gymtrl: src/ of commit $(git log -1 --format='%h %cd' 2>/dev/null) (working tree's src/: $(git status --short src 2>/dev/null | wc -l) changed files, not used)"
+  else
+    export GYMTRL_BENCH_SRC=$PWD/src; note "gymtrl: the working tree's src/ (git archive failed)"
+  fi
+fi
+export PYTHONPATH="$GYMTRL_BENCH_SRC:$PYTHONPATH:/tmp/extra"  # the bundle's versions win over the extras
+for v in vllm-venv gym-venv; do
+  mkdir -p /tmp/$v/bin && printf '#!/bin/sh\nexec python3 "$@"\n' > /tmp/$v/bin/python && chmod +x /tmp/$v/bin/python
+done
+ln -sf /tmp/site/bin/vllm /tmp/vllm-venv/bin/vllm
+if [ ! -d /tmp/site/gymtrl_vllm_plugin ]; then  # what `gymtrl vllm-plugin install` does in a real venv
+  python3 -c 'import sys, zipfile, tempfile; from pathlib import Path; from gymtrl.vllm_plugin.install import build_wheel
+zipfile.ZipFile(build_wheel(Path(tempfile.mkdtemp()))).extractall("/tmp/site")' || note "plugin unpack failed"
+fi
+export GYMTRL_GYM_VENV=/tmp/gym-venv GYMTRL_VLLM_VENV=/tmp/vllm-venv PYTHONUNBUFFERED=1
+{
+  nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader
+  nvidia-smi topo -m 2>/dev/null | head -4
+  python3 -c 'import importlib.metadata as m; print("versions:", ", ".join(f"{d} {m.version(d)}" for d in ("vllm", "trl", "transformers", "torch", "accelerate", "datasets", "httpx", "gymtrl-vllm-plugin")))'
+  PYTHONPATH=$GYM_PYTHONPATH python3 -c 'import importlib.metadata as m; print("nemo-gym", m.version("nemo-gym"))' 2>&1 | tail -1
+  git log -1 --format='gymtrl commit %h %cd' 2>/dev/null; echo "working tree: $(git status --short 2>/dev/null | wc -l) changed files"
+  echo "cpus: $(nproc)"
+} >> "$LOG" 2>&1
+
+# servers: TAG MODEL GPU VLLM_PORT HEAD_PORT
+start_servers() {  # TAG MODEL GPU VLLM_PORT HEAD_PORT [key=value ...]
+  local tag=$1 model=$2 gpu=$3 vport=$4 hport=$5; shift 5
+  if [ -f "/tmp/srv-$tag.json" ] && curl -sf "http://127.0.0.1:$vport/health" > /dev/null && curl -sf "http://127.0.0.1:$hport/readyz" > /dev/null; then
+    note "servers $tag already up (kept from an earlier call)"; return 0
+  fi
+  [ -f "$model/config.json" ] || { note "no model in $model"; return 1; }
+  rm -f "/tmp/srv-$tag.json"
+  note "starting servers $tag: $model on GPU $gpu, vLLM :$vport, Gym head :$hport"
+  setsid python3 bench/gpu_servers.py --config configs/bench-gpu.yaml --ready-file "/tmp/srv-$tag.json" \
+    "model.name_or_path=$model" "vllm.base_url=http://127.0.0.1:$vport" "gym.head_server_url=http://127.0.0.1:$hport" \
+    "vllm.launch.env.CUDA_VISIBLE_DEVICES=\"$gpu\"" "gym.launch.env.PYTHONPATH=$GYM_PYTHONPATH" "output.dir=/tmp/srv-$tag" "$@" \
+    > "/tmp/srv-$tag.log" 2>&1 < /dev/null &
+  echo $! > "/tmp/srv-$tag.pid"
+}
+wait_servers() {  # TAG LIMIT
+  local tag=$1 limit=$2 t0=$SECONDS
+  while [ ! -f "/tmp/srv-$tag.json" ]; do
+    if ! kill -0 "$(cat "/tmp/srv-$tag.pid" 2>/dev/null)" 2>/dev/null; then note "servers $tag died:"; tail -20 "/tmp/srv-$tag.log" | tee -a "$LOG"; return 1; fi
+    [ $((SECONDS - t0)) -gt "$limit" ] && { note "servers $tag not up after $limit s"; tail -5 "/tmp/srv-$tag.log" | tee -a "$LOG"; return 1; }
+    sleep 2
+  done
+  note "servers $tag ready: $(tr -d '\n ' < "/tmp/srv-$tag.json" | cut -c1-300)"
+}
+stop_servers() {
+  local tag=$1 pid
+  pid=$(cat "/tmp/srv-$tag.pid" 2>/dev/null) || return 0
+  kill -TERM -- "-$pid" 2>/dev/null; for _ in $(seq 20); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+  kill -KILL -- "-$pid" 2>/dev/null; rm -f "/tmp/srv-$tag.json" "/tmp/srv-$tag.pid"
+  note "stopped servers $tag"
+}
+stop_relay() { [ -f /tmp/relay.pid ] && kill -TERM -- "-$(cat /tmp/relay.pid)" 2>/dev/null; rm -f /tmp/relay.pid; }
+
+collect_logs() {
+  rm -rf /tmp/pack && mkdir -p /tmp/pack
+  for tag in 05b 15b g0 g1 g2 g3 t0 t1 A B C D; do
+    [ -d /tmp/srv-$tag/logs ] || continue
+    mkdir -p /tmp/pack/srv-$tag
+    { head -c 12000 /tmp/srv-$tag/logs/vllm.log; echo; echo "[... middle cut ...]"; tail -c 12000 /tmp/srv-$tag/logs/vllm.log; } > /tmp/pack/srv-$tag/vllm.log 2>/dev/null
+    tail -c 8000 /tmp/srv-$tag/logs/gym.log > /tmp/pack/srv-$tag/gym.log 2>/dev/null
+    for f in "/tmp/srv-$tag"/logs/gym/*.log; do echo "== $f"; tail -c 3000 "$f"; done > /tmp/pack/srv-$tag/gym-servers.log 2>/dev/null
+    tail -c 4000 /tmp/srv-$tag.log > /tmp/pack/srv-$tag/holder.log 2>/dev/null
+  done
+  for f in /tmp/bench-step/*.log /tmp/bench-step/*.json; do [ -f "$f" ] && tail -c 30000 "$f" > "/tmp/pack/step-$(basename "$f")"; done
+  for f in /tmp/gymtrl-collect-*/collect*.log /tmp/gymtrl-collect-*/warm.log /tmp/collector_relay.log /tmp/relay.out; do
+    [ -f "$f" ] && tail -c 8000 "$f" > "/tmp/pack/collect-$(basename "$(dirname "$f")")-$(basename "$f")"
+  done
+  cp /tmp/gen*.json /tmp/pack/ 2>/dev/null
+  tar czf "$OUT/logs.tgz" -C /tmp/pack . 2>/dev/null
+}
+finish() {
+  collect_logs
+  nvidia-smi --query-gpu=index,memory.used --format=csv,noheader >> "$LOG" 2>&1
+  note "done; GPU processes now: $(nvidia-smi --query-compute-apps=pid --format=csv,noheader | wc -l)"
+}
+trap finish EXIT
+
+need() { [ "$(left)" -gt "$1" ] || { note "skipping $2: $(left) s left, it needs about $1"; return 1; }; }
+run_stage() {  # NAME TIMEOUT cmd...
+  local name=$1 t=$2; shift 2
+  local lim=$(( $(left) - 25 )); [ $lim -lt "$t" ] && t=$lim
+  note "stage $name (timeout ${t} s): $*"
+  timeout -s INT -k 15 "$t" "$@" 2>&1 | tee -a "$LOG" | grep -E "^\||^  round|RESULT|^== |rc |warm-up|collect round|Error|error|Traceback" | cut -c1-300
+  note "stage $name exit ${PIPESTATUS[0]}"
+}
+
+case ",$stages," in *,gen05,*|*,collect,*) start_servers 05b /tmp/model-0.5b 1 8000 11000;; esac
+case ",$stages," in *,gen15,*) make_model 1.5b && start_servers 15b /tmp/model-1.5b 0 8001 11001;; esac
+GEN=(python3 bench/gpu_generation.py --rounds 3 --shape 256x256)
+export CUDA_VISIBLE_DEVICES_TRAINER=0
+for st in ${stages//,/ }; do
+  case $st in
+    gen05)
+      wait_servers 05b $(( $(left) - 60 )) || continue
+      need 60 gen05 && run_stage gen05 150 "${GEN[@]}" --parts gen --vllm http://127.0.0.1:8000 --head http://127.0.0.1:11000 \
+        --label "Qwen2.5-0.5B shape" --out "$OUT/generation.md" --json-out /tmp/gen05.json ;;
+    gen15)
+      wait_servers 15b $(( $(left) - 60 )) || continue
+      need 60 gen15 && run_stage gen15 150 "${GEN[@]}" --parts gen --vllm http://127.0.0.1:8001 --head http://127.0.0.1:11001 \
+        --label "Qwen2.5-1.5B shape" --out "$OUT/generation.md" --json-out /tmp/gen15.json
+      stop_servers 15b ;;
+    collect)
+      wait_servers 05b $(( $(left) - 60 )) || continue
+      need 60 collect || continue
+      if ! curl -sf http://127.0.0.1:11100/readyz > /dev/null; then
+        PYTHONPATH=/tmp/bench-data/gym-extra:$GYM_PYTHONPATH setsid python3 bench/collector_relay.py --head http://127.0.0.1:11000 \
+          --port 11100 --legacy-dir /tmp/bench-data/legacy_agent > /tmp/relay.out 2>&1 < /dev/null &
+        echo $! > /tmp/relay.pid
+        for _ in $(seq 60); do grep -q "RELAY READY" /tmp/relay.out 2>/dev/null && break; kill -0 "$(cat /tmp/relay.pid)" 2>/dev/null || break; sleep 1; done
+        note "relay: $(tail -2 /tmp/relay.out | tr '\n' ' ' | cut -c1-300)"
+      fi
+      run_stage collect 200 python3 bench/gpu_generation.py --parts collect --vllm http://127.0.0.1:8000 --head http://127.0.0.1:11000 \
+        --collector-head http://127.0.0.1:11100 --collect-n 256 --collect-repeats 4 --collect-concurrency 256 --collect-tokens 64 \
+        --collect-rounds 3 --gym-python python3 --gym-pythonpath "/tmp/bench-data/gym-extra:$GYM_PYTHONPATH" \
+        --label "Qwen2.5-0.5B shape" --out "$OUT/generation.md" --json-out /tmp/gencollect.json ;;
+    pairs)  # gymtrl vs TRL, each on a fresh vLLM of its own (NCCL re-init hangs; several vLLMs starting at
+            # once on one GPU fail their KV-cache check): A on GPU 1 for gymtrl (trainer on GPU 0), B on GPU 0
+            # for TRL (trainer on GPU 1), each vLLM at 0.5 of its GPU so the other side's trainer fits beside it.
+      X='vllm.launch.extra_args=[--gpu-memory-utilization,"0.5"]'
+      start_servers A /tmp/model-0.5b 1 8000 11000 "$X"
+      start_servers B /tmp/model-0.5b 0 8001 11000 "$X" gym.launch.enabled=false
+      if ! { wait_servers A $(( $(left) - 100 )) && wait_servers B $(( $(left) - 100 )); }; then continue; fi
+      need 100 step && run_stage step 200 python3 bench/gpu_step_vs_trl.py compare --points 64x128 \
+        --gym-servers 8000:11000 --plain-servers 8001 --gymtrl-gpu 0 --trl-gpu 1 --steps 8 --warmup 2 --run-timeout 110 \
+        --group-port 51216 --work /tmp/bench-step --out "$OUT/step.md" --json-out "$OUT/step.json" model.name_or_path=/tmp/model-0.5b
+      if need 75 collect; then
+        PYTHONPATH=/tmp/bench-data/gym-extra:$GYM_PYTHONPATH setsid python3 bench/collector_relay.py --head http://127.0.0.1:11000 \
+          --port 11100 --legacy-dir /tmp/bench-data/legacy_agent > /tmp/relay.out 2>&1 < /dev/null &
+        echo $! > /tmp/relay.pid
+        for _ in $(seq 60); do grep -q "RELAY READY" /tmp/relay.out 2>/dev/null && break; kill -0 "$(cat /tmp/relay.pid)" 2>/dev/null || break; sleep 1; done
+        note "relay: $(tail -1 /tmp/relay.out | cut -c1-200)"
+        run_stage collect 100 python3 bench/gpu_generation.py --parts collect --vllm http://127.0.0.1:8000 --head http://127.0.0.1:11000 \
+          --collector-head http://127.0.0.1:11100 --collect-n 256 --collect-repeats 4 --collect-concurrency 256 --collect-tokens 64 \
+          --collect-rounds 2 --gym-python python3 --gym-pythonpath "/tmp/bench-data/gym-extra:$GYM_PYTHONPATH" \
+          --label "Qwen2.5-0.5B shape" --out "$OUT/collect.md" --json-out /tmp/gencollect.json
+        stop_relay
+      fi
+      stop_servers A; stop_servers B
+      need 200 pair256 || continue
+      start_servers C /tmp/model-0.5b 1 8002 11002 "$X"
+      start_servers D /tmp/model-0.5b 0 8003 11002 "$X" gym.launch.enabled=false
+      if ! { wait_servers C $(( $(left) - 90 )) && wait_servers D $(( $(left) - 90 )); }; then continue; fi
+      need 90 pair256 && run_stage pair256 $(( $(left) - 20 )) python3 bench/gpu_step_vs_trl.py compare --points 256x128 \
+        --gym-servers 8002:11002 --plain-servers 8003 --gymtrl-gpu 0 --trl-gpu 1 --steps 6 --warmup 2 --run-timeout 100 \
+        --group-port 51300 --work /tmp/bench-step --out "$OUT/scaling.md" --json-out "$OUT/scaling.json" model.name_or_path=/tmp/model-0.5b
+      stop_servers C; stop_servers D ;;
+    stop)
+      stop_relay; for tg in 15b 05b g0 g1 g2 g3 t0 t1 A B C D; do stop_servers $tg; done ;;
+  esac
+done
