@@ -24,6 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from gymtrl.config.schema import Config
 from gymtrl.errors import ConfigError, ServerError
+from gymtrl.sync.strategies import choose_strategy
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,12 @@ def write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def serve(cfg: Config, host: str, ready_file: Path | None) -> None:
     """Launch the config's servers on `host`, report them ready, hold them until a signal."""
     from gymtrl.servers.stack import ServerStack
@@ -84,7 +91,9 @@ def serve(cfg: Config, host: str, ready_file: Path | None) -> None:
         signal.signal(sig, lambda *_: stop.set())
     log_dir = Path(cfg.output.dir) / "logs"
     t0 = time.monotonic()
-    with ServerStack(cfg, log_dir, nccl=cfg.sync.strategy == "nccl") as stack:
+    # sync.strategy auto means NCCL where there are GPUs (as the trainers will decide on theirs).
+    nccl = choose_strategy(cfg.sync.strategy, _cuda_available()) == "nccl"
+    with ServerStack(cfg, log_dir, nccl=nccl) as stack:
         record = servers_record(cfg)
         log.info("servers ready in %.0fs: vLLM %s, NeMo Gym %s (logs in %s)", time.monotonic() - t0,
                  record["vllm_base_url"], record["gym_head_server_url"], log_dir)
