@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import signal
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from gymtrl.atomic import write_text_atomic
 from gymtrl.distributed import any_process
 from gymtrl.errors import ConfigError
 
@@ -67,9 +67,7 @@ def resolve_resume(resume: str | None, out_dir: Path) -> str | None:
 
 
 def mark_complete(path: Path, step: int) -> None:
-    tmp = path / f".{MARKER}.tmp"
-    tmp.write_text(json.dumps({"step": step, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
-    os.replace(tmp, path / MARKER)
+    write_text_atomic(path / MARKER, json.dumps({"step": step, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
 
 
 class MarkCompleteCheckpoints(TrainerCallback):

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from gymtrl.atomic import write_text_atomic
 from gymtrl.config.schema import Config
 from gymtrl.errors import ConfigError, ServerError
 from gymtrl.sync.strategies import choose_strategy
@@ -65,9 +66,7 @@ def servers_record(cfg: Config) -> dict:
 
 def write_json_atomic(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def _cuda_available() -> bool:

@@ -18,6 +18,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from gymtrl.atomic import write_text_atomic
 from gymtrl.config.schema import Config, PrepareConfig
 from gymtrl.errors import ConfigError
 
@@ -394,11 +395,7 @@ def write_resolved_config(cfg: Config, out_dir: str | os.PathLike) -> Path:
     """Write the config as resolved (defaults filled in) to <out_dir>/config.yaml, atomically."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    target = out / "config.yaml"
-    tmp = target.with_suffix(".yaml.tmp")
-    tmp.write_text(to_yaml(cfg))
-    os.replace(tmp, target)
-    return target
+    return write_text_atomic(out / "config.yaml", to_yaml(cfg))
 
 
 __all__ = ["load_config", "write_resolved_config", "to_yaml"]

@@ -4,12 +4,13 @@ turns and prompt tokens per row. Printed as a table and written as report.json."
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from gymtrl.atomic import write_text_atomic
 
 EXAMPLES_PER_REASON = 5
 
@@ -96,9 +97,7 @@ class Report:
                 "sources": sources, "environments": self.environments}
 
     def write(self, path: Path) -> None:
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n")
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(self.to_json(), indent=2) + "\n")
 
     def table(self) -> str:
         head = f"{'source':<36} {'read':>8} {'skipped':>8} {'dupes':>7} {'train':>8} {'valid':>7}"

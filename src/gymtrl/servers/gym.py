@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from gymtrl.atomic import write_text_atomic
 from gymtrl.config.load import server_root
 from gymtrl.config.schema import Config
 from gymtrl.errors import ConfigError
@@ -101,7 +102,4 @@ def judge_overrides(cfg: Config, log_dir: Path) -> dict:
 def write_endpoint_file(path: Path, url: str) -> Path:
     path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(url + "\n")
-    tmp.replace(path)  # atomic: NeMo Gym never reads a half-written address
-    return path
+    return write_text_atomic(path, url + "\n")  # NeMo Gym never reads a half-written address
