@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     t0 = time.monotonic()
-    with ServerStack(cfg, log_dir, nccl=args.nccl) as stack:
+    with ServerStack(cfg, log_dir, strategy="nccl" if args.nccl else "reload") as stack:
         info = {
             "vllm_url": cfg.vllm.base_url, "head_url": cfg.gym.head_server_url, "model": cfg.model.name_or_path,
             "served_model_name": served_model_name(cfg), "log_dir": str(log_dir),

@@ -136,7 +136,7 @@ def main() -> int:
     try:
         for name in ("off", "on"):
             cfg = stack_config(args, name == "on", args.work / name)
-            stack = ServerStack(cfg, args.work / name / "logs", nccl=False)
+            stack = ServerStack(cfg, args.work / name / "logs")
             stack.__enter__()  # from the main thread: launched servers die with the thread that started them
             stacks.append(stack)
             engine = RolloutEngine(discover(cfg.gym.head_server_url),

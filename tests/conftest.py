@@ -129,5 +129,5 @@ def servers(tiny_model, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("servers")
     cfg = server_config(tiny_model, free_port(), free_port(), out)
-    with ServerStack(cfg, out / "logs", nccl=False) as stack:
+    with ServerStack(cfg, out / "logs") as stack:
         yield Servers(cfg, stack, tiny_model)

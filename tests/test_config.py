@@ -60,7 +60,7 @@ def test_resolved_config_round_trips(tmp_path):
     (GOOD + "rollout:\n  max_concurrency: many\n", [], "bad value for 'rollout.max_concurrency'"),
     ("data:\n  train: x.jsonl\n", [], "required key(s) not set: model.name_or_path"),
     (GOOD, ["grpo.max_steps"], "override 'grpo.max_steps' is not of the form key=value"),
-    (GOOD, ["sync.strategy=magic"], "sync.strategy must be one of auto, nccl, reload, none"),
+    (GOOD, ["sync.strategy=magic"], "sync.strategy must be one of auto, nccl, ipc, reload, none"),
     ("model: [unclosed\n", [], "c.yaml:2:1: invalid YAML"),
     ("- a\n- b\n", [], "the top level must be a mapping"),
 ])
@@ -82,6 +82,15 @@ def test_shipped_quickstart_config_is_valid(monkeypatch):
     cfg = load_config("configs/quickstart.yaml")
     assert cfg.gym.launch.enabled and cfg.vllm.launch.enabled
     assert cfg.data.train[1].path == "/site/resources_servers/workplace_assistant/data/example.jsonl"
+
+
+@pytest.mark.parametrize("name, strategy, vllm_gpu", [("gpu-1x", "ipc", "0"), ("gpu-2x", "nccl", "1"),
+                                                      ("bench-gpu", "nccl", "1")])
+def test_shipped_gpu_configs_are_valid(monkeypatch, name, strategy, vllm_gpu):
+    monkeypatch.setenv("GYMTRL_GYM_VENV", "/gym")
+    monkeypatch.setenv("GYMTRL_VLLM_VENV", "/vllm")
+    cfg = load_config(f"configs/{name}.yaml")
+    assert cfg.sync.strategy == strategy and cfg.vllm.launch.env["CUDA_VISIBLE_DEVICES"] == vllm_gpu
 
 
 def test_readme_config_reference_lists_every_key():

@@ -76,7 +76,7 @@ def two_copies(servers, tiny_model, tmp_path_factory):
                                      "resources_servers/digit_reply/configs/digit_reply.yaml"])
     cfg.vllm.launch.enabled = False
     cfg.gym.launch.copies = 2
-    with ServerStack(cfg, out / "logs", nccl=False):
+    with ServerStack(cfg, out / "logs"):
         yield cfg, out
 
 

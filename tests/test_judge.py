@@ -30,7 +30,7 @@ def judged(servers, tiny_model, tmp_path_factory):
     cfg.judge.server, cfg.judge.base_url, cfg.judge.model = "launch", f"http://127.0.0.1:{free_port()}", str(tiny_model)
     cfg.judge.launch.extra_args = list(cfg.vllm.launch.extra_args)  # CPU: eager, a small KV cache
     cfg.judge.launch.startup_timeout_s = 600
-    with ServerStack(cfg, out / "logs", nccl=False) as stack:
+    with ServerStack(cfg, out / "logs") as stack:
         yield cfg, stack
 
 

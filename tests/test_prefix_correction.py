@@ -59,7 +59,7 @@ def stacks(taught_model, tmp_path_factory):
         cfg = server_config(taught_model, vllm_port, free_port(), tmp_path_factory.mktemp(f"stack-{name}"),
                             prefix_correction=name == "on", vllm_args=("--chat-template", str(template)),
                             gym_configs=GYM_CONFIGS, policy_base_url=proxy.url + "/v1")
-        built[name] = (Stack(name, cfg, proxy), ServerStack(cfg, Path(cfg.output.dir) / "logs", nccl=False))
+        built[name] = (Stack(name, cfg, proxy), ServerStack(cfg, Path(cfg.output.dir) / "logs"))
 
     # One after the other, from this thread: launched servers die with the thread that started them
     # (PR_SET_PDEATHSIG follows the creating thread, not the process).
@@ -203,7 +203,7 @@ def test_the_start_up_probe_tells_the_servers_apart(stacks):
     off.vllm.prefix_correction = True
     off.vllm.launch.enabled = off.gym.launch.enabled = False
     with pytest.raises(ServerError, match="does not run gymtrl's prefix correction"):
-        ServerStack(off, "/tmp/unused", nccl=False).start()
+        ServerStack(off, "/tmp/unused").start()
 
 
 @pytest.mark.parametrize("correction", ["on", "off"])

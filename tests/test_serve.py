@@ -32,7 +32,7 @@ def test_served_on_a_node_every_server_listens_where_trainers_reach_it(tmp_path)
     cfg = config(tmp_path, LAUNCHING, "vllm.tensor_parallel_size=4")
     bind_servers(cfg, "node7")
     assert cfg.vllm.base_url == "http://node7:8000" and cfg.gym.head_server_url == "http://node7:11000"
-    vllm = vllm_command(cfg, nccl=True)
+    vllm = vllm_command(cfg, "nccl")
     assert vllm[vllm.index("--host") + 1] == "node7"
     assert vllm[vllm.index("--tensor-parallel-size") + 1] == "4"
     sets = [a for a in gym_command(cfg, tmp_path) if "=" in a]
@@ -42,7 +42,7 @@ def test_served_on_a_node_every_server_listens_where_trainers_reach_it(tmp_path)
 
 
 def test_one_gpu_vllm_gets_no_tensor_parallel_flag(tmp_path):
-    assert "--tensor-parallel-size" not in vllm_command(config(tmp_path), nccl=False)
+    assert "--tensor-parallel-size" not in vllm_command(config(tmp_path), "reload")
     with pytest.raises(ConfigError, match="vllm.tensor_parallel_size must be >= 1"):
         config(tmp_path, LAUNCHING, "vllm.tensor_parallel_size=0")
 

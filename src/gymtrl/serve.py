@@ -90,9 +90,9 @@ def serve(cfg: Config, host: str, ready_file: Path | None) -> None:
         signal.signal(sig, lambda *_: stop.set())
     log_dir = Path(cfg.output.dir) / "logs"
     t0 = time.monotonic()
-    # sync.strategy auto means NCCL where there are GPUs (as the trainers will decide on theirs).
-    nccl = choose_strategy(cfg.sync.strategy, _cuda_available()) == "nccl"
-    with ServerStack(cfg, log_dir, nccl=nccl) as stack:
+    # The trainers run elsewhere: never on this node's GPUs, so auto means NCCL where there is CUDA.
+    strategy = choose_strategy(cfg.sync.strategy, _cuda_available())
+    with ServerStack(cfg, log_dir, strategy=strategy) as stack:
         record = servers_record(cfg)
         log.info("servers ready in %.0fs: vLLM %s, NeMo Gym %s (logs in %s)", time.monotonic() - t0,
                  record["vllm_base_url"], record["gym_head_server_url"], log_dir)

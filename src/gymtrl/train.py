@@ -92,7 +92,9 @@ def train(cfg: Config, resume: str | None = None, stop_file: str | None = None) 
     from gymtrl.rollout.rollout_func import GymRolloutFunc, make_env_reward
     from gymtrl.servers.stack import ServerStack
     from gymtrl.servers.vllm import served_model_name
-    from gymtrl.sync.strategies import NcclSync, ReloadSync, WeightSync, bound_nccl_join, choose_strategy
+    from gymtrl.sync.ipc import IpcSync
+    from gymtrl.sync.strategies import (NcclSync, ReloadSync, WeightSync, bound_nccl_join, choose_strategy,
+                                        vllm_shares_trainer_gpu)
     from gymtrl.sync.verify import SyncVerifier, default_tolerance, probe_token_ids
     from gymtrl.sync.vllm_control import VLLMControl
 
@@ -117,14 +119,17 @@ def train(cfg: Config, resume: str | None = None, stop_file: str | None = None) 
     eval_rows = read_split(cfg.data.eval, cfg.data.max_eval_rows) if cfg.data.eval else []
 
     cuda = torch.cuda.is_available()
-    strategy = choose_strategy(cfg.sync.strategy, cuda)
+    shares_gpu = cuda and vllm_shares_trainer_gpu(cfg.vllm.launch.enabled, cfg.vllm.launch.env, dict(os.environ),
+                                                  torch.cuda.device_count())
+    strategy = choose_strategy(cfg.sync.strategy, cuda, shares_gpu)
+    check_strategy(strategy, cuda, shares_gpu, world)
     args = build_grpo_config(cfg, strategy, cuda)
     resume = resolve_resume(resume, Path(args.output_dir))  # <output.dir>/checkpoints
 
     # --- servers up, agents found, every row routed ----------------------------------------
     ensure_open_files(cfg.rollout.max_concurrency)  # before launching: the servers inherit it
     # The main process launches the servers; the others wait for them (and never launch any).
-    with ServerStack(cfg, out_dir / "logs", nccl=strategy == "nccl", launch=rank == 0) as servers:
+    with ServerStack(cfg, out_dir / "logs", strategy=strategy, launch=rank == 0) as servers:
         def find_agents():
             return discover(cfg.gym.head_server_url, cfg.gym.rewrite_loopback_hosts)
 
@@ -142,6 +147,8 @@ def train(cfg: Config, resume: str | None = None, stop_file: str | None = None) 
         sync: WeightSync
         if strategy == "reload":
             sync = ReloadSync(control, Path(cfg.sync.dir or out_dir / "weight_sync"))
+        elif strategy == "ipc":
+            sync = IpcSync(control, cfg.sync.bucket_mb, cfg.vllm.dtype)
         elif strategy == "nccl":
             sync = NcclSync()
             bound_nccl_join(cfg.vllm.request_timeout_s, lambda: _nccl_join_timed_out(cfg, servers))
@@ -213,6 +220,20 @@ def train(cfg: Config, resume: str | None = None, stop_file: str | None = None) 
         if rank == 0:
             tokenizer.save_pretrained(str(final))
     return final
+
+
+def check_strategy(strategy: str, cuda: bool, shares_gpu: bool, world: int) -> None:
+    """The weight syncs that cannot work here, refused before any server starts."""
+    if strategy == "ipc" and not cuda:
+        raise ConfigError("sync.strategy=ipc needs a CUDA GPU", hint="use sync.strategy=reload (or auto) on CPU")
+    if strategy == "ipc" and world > 1:
+        raise ConfigError(f"sync.strategy=ipc takes one training process, this run has {world}",
+                          hint="give vLLM its own GPU and use sync.strategy=nccl (or auto)")
+    if strategy == "nccl" and shares_gpu:
+        raise ConfigError("sync.strategy=nccl, but the vLLM gymtrl launches gets the trainer's GPU: NCCL cannot "
+                          "connect two processes on one GPU",
+                          hint="use sync.strategy=ipc (or auto), or give vLLM another GPU with "
+                          "vllm.launch.env.CUDA_VISIBLE_DEVICES")
 
 
 def _nccl_join_timed_out(cfg: Config, servers) -> None:

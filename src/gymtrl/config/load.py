@@ -32,7 +32,7 @@ GRPO_FIELDS_OWNED = {
     "vllm_server_port": "vllm.base_url",
     "reward_weights": "rewards.env_weight and rewards.functions[].weight",
 }
-SYNC_STRATEGIES = ("auto", "nccl", "reload", "none")
+SYNC_STRATEGIES = ("auto", "nccl", "ipc", "reload", "none")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 JUDGE_SERVERS = ("none", "policy", "url", "launch")
 
@@ -337,6 +337,8 @@ def _normalise_grpo(grpo: dict) -> dict:
 def _check_values(cfg: Config, source: str) -> None:
     if cfg.sync.strategy not in SYNC_STRATEGIES:
         raise ConfigError(f"{source}: sync.strategy must be one of {', '.join(SYNC_STRATEGIES)}, got '{cfg.sync.strategy}'")
+    if cfg.sync.bucket_mb < 1:
+        raise ConfigError(f"{source}: sync.bucket_mb must be >= 1, got {cfg.sync.bucket_mb}")
     for key, value in (("model.dtype", cfg.model.dtype), ("vllm.dtype", cfg.vllm.dtype)):
         if value not in DTYPES:
             raise ConfigError(f"{source}: {key} must be one of {', '.join(DTYPES)}, got '{value}'")

@@ -134,8 +134,10 @@ class SupervisionConfig:
 
 @dataclass
 class SyncConfig:
-    # How new weights reach vLLM after each optimizer step:
-    # auto (nccl when training on CUDA, else reload) | nccl | reload | none (never syncs: debugging only).
+    # How new weights reach vLLM after each optimizer step: nccl (vLLM on its own GPU; TRL's sync) |
+    # ipc (vLLM on the trainer's GPU; CUDA IPC, one training process) | reload (through the disk; CPU) |
+    # none (never syncs: debugging only) | auto (reload on CPU; ipc when a launched vLLM gets the
+    # trainer's only GPU; else nccl).
     strategy: str = "auto"
     # Check after every sync that the server's logprobs equal the trainer's; fail the run if not.
     verify: bool = True
@@ -143,6 +145,8 @@ class SyncConfig:
     verify_tolerance: Optional[float] = None
     # Where the reload strategy writes weights (None: <output.dir>/weight_sync).
     dir: Optional[str] = None
+    # The ipc strategy's shared GPU buffer: the weights cross in buckets of this many MiB.
+    bucket_mb: int = 1024
 
 
 @dataclass

@@ -60,10 +60,10 @@ class GymRolloutFunc:
         # The check's forward pass: on the main process, or in lockstep on all under ZeRO-3.
         ours = self.verifier.trainer_side(model) if self.verifier is not None and (main or zero3) else None
         metrics: dict[str, float] = {}
-        # ZeRO-3: whole parameters for the push, gathered by all processes; only the reload sync needs
-        # them (TRL's NCCL sync gathers one parameter at a time itself, and a whole-model gather could
+        # ZeRO-3: whole parameters for the push, gathered by all processes; only the reload and ipc syncs
+        # need them (TRL's NCCL sync gathers one parameter at a time itself, and a whole-model gather could
         # not fit where ZeRO-3 is needed most).
-        gather = full_weights(model) if self.sync.name == "reload" else contextlib.nullcontext()
+        gather = full_weights(model) if self.sync.name in ("reload", "ipc") else contextlib.nullcontext()
         with gather:
             if main:
                 metrics = self._push_and_verify(model, step, ours)

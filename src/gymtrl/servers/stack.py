@@ -60,13 +60,13 @@ def wait_port_free(url: str, timeout_s: float = 30.0) -> None:
 
 
 class ServerStack:
-    def __init__(self, cfg: Config, log_dir: Path, nccl: bool, launch: bool = True):
+    def __init__(self, cfg: Config, log_dir: Path, strategy: str = "reload", launch: bool = True):
         self.cfg = cfg
         # False on the processes of a multi-process run other than the main one: they wait for the
         # servers the main process launches.
         self.launch = launch
         self.log_dir = Path(log_dir)
-        self.nccl = nccl
+        self.strategy = strategy  # the weight sync's: how a launched vLLM must be started
         self.processes: list[ManagedProcess] = []
         self.vllm: ManagedProcess | None = None
         self.judge: ManagedProcess | None = None
@@ -96,11 +96,12 @@ class ServerStack:
             ensure_port_free(cfg.gym.head_server_url, "gym.head_server_url")
         if cfg.judge.server == "launch":
             ensure_port_free(cfg.judge.base_url, "judge.base_url")  # type: ignore[arg-type]
-        if cfg.vllm.launch.enabled and cfg.vllm.prefix_correction and vllm_python(cfg):
+        needs_plugin = cfg.vllm.prefix_correction or self.strategy == "ipc"
+        if cfg.vllm.launch.enabled and needs_plugin and vllm_python(cfg):
             if ensure_installed(vllm_python(cfg)):
-                log.info("installed gymtrl's prefix-correction plugin into %s", cfg.vllm.launch.venv)
+                log.info("installed gymtrl's vLLM plugin into %s", cfg.vllm.launch.venv)
         if cfg.vllm.launch.enabled:
-            self.vllm = self._launch(ManagedProcess("vLLM server", vllm_command(cfg, self.nccl),
+            self.vllm = self._launch(ManagedProcess("vLLM server", vllm_command(cfg, self.strategy),
                                                     self.log_dir / "vllm.log", env=vllm_env(cfg)))
         if cfg.judge.server == "launch":
             self.judge = self._launch(ManagedProcess("judge vLLM server", judge_vllm_command(cfg),

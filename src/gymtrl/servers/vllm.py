@@ -9,12 +9,15 @@ from gymtrl.config.schema import Config
 from gymtrl.errors import ConfigError
 from gymtrl.vllm_plugin.plugin import ENV_SWITCH
 
+IPC_RECEIVER_CLASS = "gymtrl_vllm_plugin.weight_receiver.IpcWeightReceiver"
+
 
 def served_model_name(cfg: Config) -> str:
     return cfg.vllm.served_model_name or cfg.model.name_or_path
 
 
-def vllm_command(cfg: Config, nccl: bool) -> list[str]:
+def vllm_command(cfg: Config, strategy: str) -> list[str]:
+    """`vllm serve` for the policy; `strategy` is the weight sync's (choose_strategy's answer)."""
     launch = cfg.vllm.launch
     if launch.command:
         return list(launch.command) + list(launch.extra_args)
@@ -34,8 +37,10 @@ def vllm_command(cfg: Config, nccl: bool) -> list[str]:
     ]
     if cfg.vllm.tensor_parallel_size > 1:
         cmd += ["--tensor-parallel-size", str(cfg.vllm.tensor_parallel_size)]
-    if nccl:
+    if strategy == "nccl":
         cmd += ["--weight-transfer-config", '{"backend":"nccl"}']
+    elif strategy == "ipc":
+        cmd += ["--worker-extension-cls", IPC_RECEIVER_CLASS]
     return cmd + list(launch.extra_args)
 
 

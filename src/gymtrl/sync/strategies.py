@@ -2,6 +2,7 @@
 
 - reload: write the weights as safetensors to a directory, ask vLLM to `reload_weights` from it,
   reset its prefix cache. Works on CPU and where trainer and vLLM share a GPU.
+- ipc: vLLM on the trainer's GPU: the weights cross through CUDA IPC (gymtrl.sync.ipc).
 - nccl: TRL's own server-mode sync (`use_vllm=True, vllm_mode="server"`): TRL broadcasts the
   weights over NCCL before each rollout call, so `push` has nothing left to do.
 - none: never syncs (debugging only; the verification then fails as soon as the weights move).
@@ -22,10 +23,23 @@ from gymtrl.distributed import is_zero3
 from gymtrl.sync.vllm_control import VLLMControl
 
 
-def choose_strategy(configured: str, cuda_available: bool) -> str:
+def choose_strategy(configured: str, cuda_available: bool, shares_gpu: bool = False) -> str:
+    """`auto`: reload on CPU, ipc when vLLM runs on the trainer's only GPU, else nccl."""
     if configured != "auto":
         return configured
-    return "nccl" if cuda_available else "reload"
+    if not cuda_available:
+        return "reload"
+    return "ipc" if shares_gpu else "nccl"
+
+
+def vllm_shares_trainer_gpu(launch_enabled: bool, vllm_env: dict[str, str], environ: dict[str, str],
+                            device_count: int) -> bool:
+    """Whether the vLLM gymtrl launches will run on the GPU this trainer uses: the trainer sees one
+    GPU, and vLLM is given the same CUDA_VISIBLE_DEVICES (its own setting, else the inherited one)."""
+    if not launch_enabled or device_count != 1:
+        return False
+    trainer = environ.get("CUDA_VISIBLE_DEVICES")
+    return vllm_env.get("CUDA_VISIBLE_DEVICES", trainer) == trainer
 
 
 class WeightSync:

@@ -66,6 +66,13 @@ class VLLMControl:
         if "results" not in out:
             raise WeightSyncError(f"vLLM reload_weights returned an unexpected answer: {str(out)[:200]}")
 
+    def collective_rpc(self, method: str, kwargs: dict[str, str]) -> list:
+        """Call `method` on every vLLM worker (string arguments only); one result per worker."""
+        out = self._post("/collective_rpc", {"method": method, "kwargs": kwargs})
+        if not isinstance(out.get("results"), list):
+            raise ServerError(f"vLLM /collective_rpc {method} returned an unexpected answer: {str(out)[:200]}")
+        return out["results"]
+
     def reset_prefix_cache(self) -> None:
         self._post("/reset_prefix_cache", {})
 
