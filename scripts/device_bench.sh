@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 6's GPU benchmarks on the lent two-GPU machine (kind nvidia-h100-x2; no network), modelled on
-# scripts/device_gpu_2x.sh. Device calls, back to back (/tmp lives only while the machine stays warm,
+# scripts/device_train.sh. Device calls, back to back (/tmp lives only while the machine stays warm,
 # 30 s after a call):
 #   run kind=nvidia-h100-x2 carry=[.gpu-bundle/p1, .gpu-bundle/p3, .gpu-extra, .bench-data]
 #       command: bash scripts/device_bench.sh prep
@@ -30,24 +30,8 @@ mode=${1:-run}; shift || true
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 LOG=$OUT/device.log
 note() { echo "[device_bench $(date +%T) +${SECONDS}s] $*" | tee -a "$LOG"; }
-first_file() { local f; for f in "$@"; do if [ -e "$f" ]; then echo "$f"; return 0; fi; done; return 1; }
-
-unpack_extra() {  # pure-Python wheels: a wheel is a zip, no pip needed
-  [ -d /tmp/extra ] && return 0
-  ls .gpu-extra/*.whl > /dev/null 2>&1 || { note "no /tmp/extra and no .gpu-extra carried"; return 1; }
-  local wheels=(.gpu-extra/*.whl)
-  python3 -c 'import glob, zipfile; [zipfile.ZipFile(w).extractall("/tmp/extra.tmp") for w in glob.glob(".gpu-extra/*.whl")]' \
-    && mv /tmp/extra.tmp /tmp/extra && note "unpacked ${#wheels[@]} wheels into /tmp/extra"
-}
-
-make_model() {  # $1: shape
-  local dir=/tmp/model-$1
-  [ -f "$dir/config.json" ] && return 0
-  local tool; tool=$(first_file .gpu-bundle/p*/make_tiny_qwen.py /tmp/site/gpu-bundle-tools/make_tiny_qwen.py)
-  if ! { python3 "$tool" "$dir.tmp" --shape "$1" --seed 0 > "/tmp/model-$1.log" 2>&1 && mv "$dir.tmp" "$dir"; }; then
-    note "make_tiny_qwen $1 failed:"; tail -5 "/tmp/model-$1.log" | tee -a "$LOG"; return 1
-  fi
-}
+# shellcheck source=scripts/device_lib.sh
+. scripts/device_lib.sh
 
 if [ "$mode" = bench-data ]; then  # here, not on the device: what the bundle's pruned NeMo Gym lacks for ng_collect_rollouts
   site=${GYMTRL_GYM_SITE:?source scripts/env.sh first}

@@ -1,55 +1,45 @@
 #!/usr/bin/env bash
-# configs/gpu-2x.yaml on the lent two-GPU machine (no network; kind nvidia-h100-x2), with a
-# random-weight model of Qwen2.5-0.5B's shape: vLLM on GPU 1, the trainer on GPU 0, NCCL weight
-# sync after every step, checked by gymtrl's logprob probe. Two device calls, back to back (/tmp
-# lives only while the machine stays warm, 30 s after a call):
-#   run carry=[.gpu-bundle/p1, .gpu-bundle/p3, .gpu-extra]  command: bash scripts/device_gpu_2x.sh prep
-#   run carry=[.gpu-bundle/p2] timeout_s=600                command: bash scripts/device_gpu_2x.sh run 420 [key=value ...]
+# A real `gymtrl train` on the lent GPU machine (no network), with a random-weight model of Qwen2.5-0.5B's
+# shape, from CONFIG (default configs/gpu-2x.yaml: vLLM on GPU 1, the trainer on GPU 0, NCCL sync;
+# configs/gpu-1x.yaml: both on GPU 0, CUDA IPC sync). Every step's sync is checked by gymtrl's logprob
+# probe. Device calls, back to back (/tmp lives only while the machine stays warm, 30 s after a call):
+#   run [kind=nvidia-h100-x2|nvidia-h100-x1] carry=[.gpu-bundle/p1, .gpu-bundle/p3, .gpu-extra]
+#                                            command: bash scripts/device_train.sh prep
+#   run carry=[.gpu-bundle/p2] timeout_s=600 command: [CONFIG=configs/gpu-1x.yaml] bash scripts/device_train.sh run 420 [key=value ...]
 # prep: stashes the carried bundle parts, unpacks gymtrl's extra wheels (.gpu-extra) to /tmp/extra,
-#       builds the model in /tmp/model (about 20 s).
+#       builds the model in /tmp/model-0.5b (about 20 s).
 # run LIMIT [key=value ...]: finishes the install, stops whatever an earlier call left running
 #       (gymtrl starts its servers with setsid, so they outlive a command that was cut off: GPU
 #       processes, the servers, anything on ports 8000/11000), runs `gymtrl train` for at most LIMIT
 #       seconds (then SIGINT, SIGKILL 20 s later), prints one line per step, and always copies small
 #       logs to $OUT (7 files): gpus.txt (GPUs, versions, leftovers, a progress line every 15 s
-#       with both GPUs' memory), train.log, metrics.jsonl, profile.jsonl (TRL's timed blocks,
+#       with the GPUs' memory), train.log, metrics.jsonl, profile.jsonl (TRL's timed blocks,
 #       sync_weights among them: TRL's profiler reports them to wandb only, so a wrapper writes them
 #       here too), vllm.log, gym.log, gym-servers.log. Keep LIMIT about 150 s under timeout_s.
 # controls LIMIT: instead of `run`, two runs of at most LIMIT s each (use 220 with timeout_s=600)
 #       that show what the sync check tells apart: "stale" (sync.strategy=none, lr 1e-2: the check
-#       must stop it) and "fresh" (NCCL sync, lr 1e-2, 20 steps: must pass); $OUT gets gpus.txt,
+#       must stop it) and "fresh" (the config's sync, lr 1e-2, 20 steps: must pass); $OUT gets gpus.txt,
 #       stale.tgz, fresh.tgz.
-# PATCH=file.diff before either: apply a proposed src/ change to the device's copy first.
+# sync1 LIMIT: bench/weight_sync_one_gpu.py on GPU 0 for the 0.5B and 1.5B shapes (builds the 1.5B
+#       model first): ipc and reload against one device copy of the same bytes -> $OUT/weight_sync_one_gpu.md.
+# PATCH=file.diff before any: apply a proposed src/ change to the device's copy first.
 # Seen 2026-11-26 on 2x H200: run 420 took 149 s (vLLM start about 110 s, 20 steps 17 s).
-# Results: bench/results/gpu-2x/.
+# Results: bench/results/gpu-2x/, bench/results/gpu-1x/.
 set -uo pipefail
 mode=${1:-run}; shift || true
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-note() { echo "[device_gpu_2x $(date +%T)] $*" | tee -a "$OUT/gpus.txt"; }
-first_file() { local f; for f in "$@"; do if [ -e "$f" ]; then echo "$f"; return 0; fi; done; return 1; }
-
-unpack_extra() {  # pure-Python wheels: a wheel is a zip, no pip needed
-  [ -d /tmp/extra ] && return 0
-  ls .gpu-extra/*.whl > /dev/null 2>&1 || { note "no /tmp/extra and no .gpu-extra carried"; return 1; }
-  local wheels=(.gpu-extra/*.whl)
-  python3 -c 'import glob, zipfile; [zipfile.ZipFile(w).extractall("/tmp/extra.tmp") for w in glob.glob(".gpu-extra/*.whl")]' \
-    && mv /tmp/extra.tmp /tmp/extra && note "unpacked ${#wheels[@]} wheels into /tmp/extra"
-}
-
-make_model() {
-  [ -f /tmp/model/config.json ] && return 0
-  local tool; tool=$(first_file .gpu-bundle/p*/make_tiny_qwen.py /tmp/site/gpu-bundle-tools/make_tiny_qwen.py)
-  local t0=$SECONDS
-  if ! { python3 "$tool" /tmp/model.tmp --shape 0.5b --seed 0 > /tmp/model.log 2>&1 && mv /tmp/model.tmp /tmp/model; }; then
-    note "make_tiny_qwen failed:"; tail -5 /tmp/model.log | tee -a "$OUT/gpus.txt"; return 1
-  fi
-  note "model /tmp/model built in $((SECONDS - t0)) s"
-}
+CONFIG=${CONFIG:-configs/gpu-2x.yaml}
+note() { echo "[device_train $(date +%T)] $*" | tee -a "$OUT/gpus.txt"; }
+# shellcheck source=scripts/device_lib.sh
+. scripts/device_lib.sh
 
 if [ "$mode" = prep ]; then
   inst=$(first_file .gpu-bundle/p*/install.sh)
   bash "$inst" 2>&1 | tail -3
-  unpack_extra; make_model
+  unpack_extra
+  make_model 0.5b & p1=$!
+  make_model 1.5b & p2=$!  # for sync1
+  wait $p1; wait $p2
   nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader
   exit 0
 fi
@@ -67,7 +57,7 @@ fi
 # shellcheck source=/dev/null
 . /tmp/site/env.sh
 unpack_extra || exit 3
-make_model || exit 4
+make_model 0.5b || exit 4
 export PYTHONPATH="$PWD/src:$PYTHONPATH:/tmp/extra"  # the bundle's versions win over the extras
 # PATCH=file.diff: a proposed change to src/, applied to the device's copy of the tree only.
 if [ -n "${PATCH:-}" ]; then
@@ -175,10 +165,10 @@ run_gymtrl() {
       echo "$(date +%T) $tag steps=$(wc -l < "$run/metrics.jsonl" 2>/dev/null || echo 0) gpu_mem_MiB=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | paste -sd/) | $(tail -c 300 "$run.train.log" | tr '\r\n' '  ' | tail -c 160)"
     done >> /tmp/progress.log ) &
   mon=$!
-  note "gymtrl train [$tag]: limit ${limit} s, overrides: $*"
+  note "gymtrl train [$tag]: $CONFIG, limit ${limit} s, overrides: $*"
   CUDA_VISIBLE_DEVICES=0 PYTHONUNBUFFERED=1 GYMTRL_PROFILE_JSONL=$run/profile.jsonl \
-    timeout -s INT -k 20 "$limit" python3 /tmp/gymtrl_device_main.py train --config configs/gpu-2x.yaml \
-    model.name_or_path=/tmp/model "gym.launch.env.PYTHONPATH=$GYM_PYTHONPATH" "output.dir=$run" \
+    timeout -s INT -k 20 "$limit" python3 /tmp/gymtrl_device_main.py train --config "$CONFIG" \
+    model.name_or_path=/tmp/model-0.5b "gym.launch.env.PYTHONPATH=$GYM_PYTHONPATH" "output.dir=$run" \
     vllm.launch.startup_timeout_s=300 gym.launch.startup_timeout_s=180 rollout.timeout_s=60 "$@" > "$run.train.log" 2>&1
   rc=$?
   kill "$mon" 2>/dev/null; mon=
@@ -196,6 +186,7 @@ finish() {
     collect /tmp/run-main "$OUT"
   else
     for run in /tmp/run-*/; do
+      [ -d "$run" ] || continue
       run=${run%/}; tag=${run#/tmp/run-}
       collect "$run" "/tmp/pack/$tag" && tar czf "$OUT/$tag.tgz" -C /tmp/pack "$tag"
     done
@@ -209,6 +200,14 @@ rm -rf /tmp/run-* /tmp/pack
 if [ "$mode" = run ]; then
   run_gymtrl main "$limit" "$@"
   exit $?
+fi
+if [ "$mode" = sync1 ]; then
+  make_model 1.5b || exit 4
+  CUDA_VISIBLE_DEVICES=0 PYTHONUNBUFFERED=1 timeout -s INT -k 20 "$limit" python3 bench/weight_sync_one_gpu.py \
+    --vllm-venv /tmp/vllm-venv --model 0.5b=/tmp/model-0.5b --model 1.5b=/tmp/model-1.5b 2>&1 | tee "$OUT/sync1.log"
+  rc=${PIPESTATUS[0]}
+  for f in /tmp/sync1gpu-*/vllm-*.log; do echo "== $f"; tail -c 4000 "$f"; done >> "$OUT/sync1.log" 2>/dev/null
+  exit "$rc"
 fi
 # controls LIMIT: two short runs that show what the sync check can tell apart, same model and config.
 #  stale: sync.strategy=none (vLLM never gets new weights), learning rate x1000 (1e-2): the check must

@@ -1,0 +1,23 @@
+# Shared by the device scripts (scripts/device_train.sh, scripts/device_bench.sh), sourced from the
+# repository root on the lent GPU machine. The caller defines note().
+# shellcheck shell=bash
+
+first_file() { local f; for f in "$@"; do if [ -e "$f" ]; then echo "$f"; return 0; fi; done; return 1; }
+
+unpack_extra() {  # gymtrl's pure-Python extra wheels (.gpu-extra) into /tmp/extra: a wheel is a zip, no pip needed
+  [ -d /tmp/extra ] && return 0
+  ls .gpu-extra/*.whl > /dev/null 2>&1 || { note "no /tmp/extra and no .gpu-extra carried"; return 1; }
+  local wheels=(.gpu-extra/*.whl)
+  python3 -c 'import glob, zipfile; [zipfile.ZipFile(w).extractall("/tmp/extra.tmp") for w in glob.glob(".gpu-extra/*.whl")]' \
+    && mv /tmp/extra.tmp /tmp/extra && note "unpacked ${#wheels[@]} wheels into /tmp/extra"
+}
+
+make_model() {  # SHAPE (0.5b|1.5b): a random-weight model of Qwen2.5's shape in /tmp/model-SHAPE (no hub)
+  local dir=/tmp/model-$1 t0=$SECONDS
+  [ -f "$dir/config.json" ] && return 0
+  local tool; tool=$(first_file .gpu-bundle/p*/make_tiny_qwen.py /tmp/site/gpu-bundle-tools/make_tiny_qwen.py)
+  if ! { python3 "$tool" "$dir.tmp" --shape "$1" --seed 0 > "/tmp/model-$1.log" 2>&1 && mv "$dir.tmp" "$dir"; }; then
+    note "make_tiny_qwen $1 failed:"; tail -5 "/tmp/model-$1.log"; return 1
+  fi
+  note "model $dir built in $((SECONDS - t0)) s"
+}
