@@ -5,7 +5,9 @@
 
 For each model, vLLM is launched on this GPU as `gymtrl train` launches it for sync.strategy=ipc
 (gymtrl's worker extension, --gpu-memory-utilization 0.3), the same weights are loaded into a bf16
-trainer model on the same GPU, and the script times, median of --repeats after one warm-up:
+trainer model on the same GPU, and the script times, median of --repeats after one warm-up (and
+prints the last ipc push's phases: pack, the HTTP call, inside vLLM the buffer's open and the load,
+and the prefix-cache reset):
 
 * bound: one device-to-device copy of the model's bytes, the least any sync on one GPU must move;
 * ipc: gymtrl's IpcSync.push (pack into the shared buffer, vLLM's load_weights from it, prefix-cache
@@ -106,13 +108,13 @@ def measure(shape: str, model_dir: str, args, work: Path) -> list[tuple]:
 
         bound = median_seconds(copy_once, args.repeats)
         del src, dst
-        rows.append((shape, "bound: one device copy of the bytes", nbytes, bound, None))
+        rows.append((shape, "bound: one device copy of the bytes", nbytes, bound, None, {}))
         for label, sync in (("ipc, 1024 MiB buckets", IpcSync(control, 1024, "bfloat16")),
                             ("ipc, 256 MiB buckets", IpcSync(control, 256, "bfloat16")),
                             ("reload via /dev/shm", ReloadSync(control, Path(tempfile.mkdtemp(dir="/dev/shm")) / "w"))):
             seconds = median_seconds(lambda: sync.push(model), args.repeats, before=perturb)
             diff = verifier.check(model, step=len(rows))  # raises if vLLM does not serve these weights
-            rows.append((shape, label, nbytes, seconds, diff))
+            rows.append((shape, label, nbytes, seconds, diff, dict(sync.phases)))
             print(f"[{shape}] {label}: {seconds * 1e3:.1f} ms (verified, max logprob gap {diff:.3g})", flush=True)
             if isinstance(sync, IpcSync):
                 sync.flat = None  # give its buffer back before the next one
@@ -148,11 +150,13 @@ def main(argv=None) -> int:
     lines = ["# Weight sync on one GPU (trainer and vLLM share it)", "",
              f"{datetime.date.today()}, 1x {gpu} (driver {driver}), {versions}; bf16 random-weight models of "
              f"Qwen2.5's shapes; median of {args.repeats} after a warm-up; `python bench/weight_sync_one_gpu.py`.", "",
-             "| shape | how | MB | ms | x bound | GB/s | verified max logprob gap |", "|---|---|---|---|---|---|---|"]
+             "| shape | how | MB | ms | x bound | GB/s | verified max logprob gap | last push by phase, ms |",
+             "|---|---|---|---|---|---|---|---|"]
     bounds = {r[0]: r[3] for r in rows if r[4] is None}
-    for shape, label, nbytes, seconds, diff in rows:
+    for shape, label, nbytes, seconds, diff, phases in rows:
+        by_phase = ", ".join(f"{k.removesuffix('_seconds')} {v * 1e3:.1f}" for k, v in phases.items())
         lines.append(f"| {shape} | {label} | {nbytes / 1e6:.0f} | {seconds * 1e3:.1f} | {seconds / bounds[shape]:.1f} | "
-                     f"{nbytes / seconds / 1e9:.1f} | {'' if diff is None else f'{diff:.3g}'} |")
+                     f"{nbytes / seconds / 1e9:.1f} | {'' if diff is None else f'{diff:.3g}'} | {by_phase} |")
     table = "\n".join(lines) + "\n"
     print(table)
     out = args.out or (os.path.join(os.environ["OUT"], "weight_sync_one_gpu.md") if os.environ.get("OUT") else None)

@@ -83,6 +83,7 @@ class GymRolloutFunc:
                 pass
         if diff is None:
             metrics["sync/seconds"] = self.sync.push(model)
+            metrics.update({f"sync/{phase}": seconds for phase, seconds in self.sync.phases.items()})
             if self.verifier is not None:
                 diff = self.verifier.check(model, step, ours)
         if diff is not None:

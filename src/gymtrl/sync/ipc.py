@@ -102,6 +102,7 @@ class IpcSync(WeightSync):
         import torch
 
         start = time.monotonic()
+        phases = dict.fromkeys(("pack_seconds", "rpc_seconds", "open_seconds", "load_seconds"), 0.0)
         params = [(name, p) for name, p in model.named_parameters()]
         if not params or params[0][1].device.type != "cuda":
             raise WeightSyncError("sync.strategy=ipc needs the model on a CUDA GPU",
@@ -116,16 +117,26 @@ class IpcSync(WeightSync):
         loaded = 0
         with torch.no_grad():
             for bucket in plan:
+                t0 = time.monotonic()
                 pack_bucket(self.flat, bucket, by_name)
                 torch.cuda.synchronize(self.flat.device)  # the receiver reads it from another process
-                loaded += self._send(bucket)
+                t1 = time.monotonic()
+                results = self._send(bucket)
+                phases["pack_seconds"] += t1 - t0
+                phases["rpc_seconds"] += time.monotonic() - t1
+                for key in ("open", "load"):  # the slowest worker's, as seen inside vLLM
+                    phases[f"{key}_seconds"] += max(float(r.get(f"{key}_s", 0.0)) for r in results)
+                loaded += len(bucket)
         torch.cuda.ipc_collect()
         if loaded != len(params):
             raise WeightSyncError(f"vLLM's workers loaded {loaded} of {len(params)} tensors")
+        t0 = time.monotonic()
         self.control.reset_prefix_cache()  # its cached KV was computed with the old weights
+        phases["reset_seconds"] = time.monotonic() - t0
+        self.phases = phases
         return time.monotonic() - start
 
-    def _send(self, bucket: list[Placed]) -> int:
+    def _send(self, bucket: list[Placed]) -> list[dict]:
         try:
             results = self.control.collective_rpc(RECEIVER_METHOD, {"payload": share_payload(self.flat, bucket)})
         except ServerError as e:
@@ -136,5 +147,5 @@ class IpcSync(WeightSync):
                 f"<vLLM's python>` and `--worker-extension-cls {IPC_RECEIVER_CLASS}`, on the trainer's GPU") from None
         counts = {r.get("tensors") if isinstance(r, dict) else None for r in results}
         if counts != {len(bucket)}:  # every worker (one per tensor-parallel rank) loads the whole bucket
-            raise WeightSyncError(f"vLLM's workers answered {results} for a bucket of {len(bucket)} tensors")
-        return len(bucket)
+            raise WeightSyncError(f"vLLM's workers answered {str(results)[:300]} for a bucket of {len(bucket)} tensors")
+        return results

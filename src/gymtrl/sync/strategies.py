@@ -44,6 +44,7 @@ def vllm_shares_trainer_gpu(launch_enabled: bool, vllm_env: dict[str, str], envi
 
 class WeightSync:
     name = "none"
+    phases: dict[str, float] = {}  # the last push's seconds by phase, logged as sync/<phase>
 
     def push(self, model) -> float:
         """Make the server serve `model`'s current weights; returns the seconds it took."""
