@@ -22,6 +22,8 @@
 #            server that had served one hung; six vLLMs started at once on one GPU failed their KV-cache
 #            check), gymtrl's vLLM on GPU 1 with its trainer on GPU 0, TRL's the other way round, each
 #            vLLM at 0.5 of its GPU -> $OUT/step.md, collect.md, scaling.md
+#   one-gpu-apiN[-copiesC]  one GPU: the gen05 measurement on GPU 0 with vLLM --api-server-count N and
+#            gym.launch.copies C (servers started, measured, stopped; one variant after another) -> $OUT/generation.md
 #   stop     stops every server this script started
 # $OUT always gets device.log (this script's notes and every stage's output), the stage files above
 # and logs.tgz (server logs, each trainer run's log, the collector's logs), at most 8 files.
@@ -169,6 +171,7 @@ run_stage() {  # NAME TIMEOUT cmd...
 case ",$stages," in *,gen05,*|*,collect,*) start_servers 05b /tmp/model-0.5b 1 8000 11000;; esac
 case ",$stages," in *,gen15,*) make_model 1.5b && start_servers 15b /tmp/model-1.5b 0 8001 11001;; esac
 GEN=(python3 bench/gpu_generation.py --rounds 3 --shape 256x256)
+variant=0
 export CUDA_VISIBLE_DEVICES_TRAINER=0
 for st in ${stages//,/ }; do
   case $st in
@@ -226,6 +229,18 @@ for st in ${stages//,/ }; do
         --gym-servers 8002:11002 --plain-servers 8003 --gymtrl-gpu 0 --trl-gpu 1 --steps 6 --warmup 2 --run-timeout 100 \
         --group-port 51300 --work /tmp/bench-step --out "$OUT/scaling.md" --json-out "$OUT/scaling.json" model.name_or_path=/tmp/model-0.5b
       stop_servers C; stop_servers D ;;
+    one-gpu-api*)  # one GPU (kind nvidia-h100-x1): vLLM at 0.5 of GPU 0 with N API-server processes, NeMo Gym with
+                   # C copies of every server (one-gpu-apiN or one-gpu-apiN-copiesC), generation measured, stopped
+      v=${st#one-gpu-}; api=${v#api}; api=${api%%-*}; copies=1
+      case $v in *-copies*) copies=${v##*-copies};; esac
+      vport=$((8010 + variant)); hport=$((11010 + variant)); variant=$((variant + 1))
+      start_servers "$v" /tmp/model-0.5b 0 $vport $hport gym.launch.copies="$copies" \
+        "vllm.launch.extra_args=[--gpu-memory-utilization,\"0.5\",--api-server-count,\"$api\"]"
+      wait_servers "$v" $(( $(left) - 100 )) || { stop_servers "$v"; continue; }
+      need 100 "$st" && run_stage "$st" 150 "${GEN[@]}" --parts gen --vllm "http://127.0.0.1:$vport" --head "http://127.0.0.1:$hport" \
+        --label "Qwen2.5-0.5B shape, one GPU, vLLM --api-server-count $api, gym.launch.copies $copies" \
+        --out "$OUT/generation.md" --json-out "/tmp/gen-$v.json"
+      stop_servers "$v" ;;
     stop)
       stop_relay; for tg in 15b 05b g0 g1 g2 g3 t0 t1 A B C D; do stop_servers $tg; done ;;
   esac
