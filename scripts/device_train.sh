@@ -120,6 +120,25 @@ def _log_to_file(self, duration):
             f.write(json.dumps({"name": self.name, "step": self.step, "seconds": round(duration, 6), "t": round(time.time(), 3)}) + "\n")
     return _log_metrics(self, duration)
 profiling.ProfilingContext._log_metrics = _log_to_file
+# Where TRL's NCCL sync spends its time: each call of these, timed, into the same file.
+def _timed(owner, attr, label):
+    original = getattr(owner, attr)
+    def timed(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            with open(os.environ["GYMTRL_PROFILE_JSONL"], "a") as f:
+                f.write(json.dumps({"name": label, "seconds": round(time.perf_counter() - t0, 6), "t": round(time.time(), 3)}) + "\n")
+    setattr(owner, attr, timed)
+try:
+    from trl.generation.vllm_client import VLLMClient
+    from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngine
+    for name in ("_start_weight_update", "_finish_weight_update", "update_named_params", "reset_prefix_cache"):
+        _timed(VLLMClient, name, f"vllm_client.{name}")
+    _timed(NCCLWeightTransferEngine, "trainer_send_weights", "nccl.trainer_send_weights")
+except Exception as e:
+    print(f"gymtrl_device_main: sync timers not installed: {e}", file=sys.stderr)
 from gymtrl.cli import app
 sys.argv[0] = "gymtrl"
 app()
