@@ -42,13 +42,14 @@ import datetime
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from device_info import gpus, versions  # bench/device_info.py (this script's folder is on sys.path)
 
 import httpx
 
@@ -395,26 +396,6 @@ def run_collect(p: Paths, args, procs) -> dict:
 
 
 # ---- report ----------------------------------------------------------------------------------------
-def versions() -> str:
-    import importlib.metadata as md
-
-    out = []
-    for d in ("vllm", "trl", "transformers", "torch", "httpx"):
-        try:
-            out.append(f"{d} {md.version(d)}")
-        except md.PackageNotFoundError:
-            pass
-    return ", ".join(out)
-
-
-def gpu_name() -> str:
-    try:
-        return subprocess.run(["nvidia-smi", "--query-gpu=index,name,memory.total,driver_version", "--format=csv,noheader"],
-                              capture_output=True, text=True, timeout=20).stdout.strip().replace("\n", "; ")
-    except Exception:
-        return f"no GPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
-
 def cpu_table(res: dict, names: list[str], procs: dict[int, str]) -> list[str]:
     labels = sorted({lab for name in names for r in res[name] for lab in r.get("cpu", {})})
     lines = ["| process | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
@@ -510,7 +491,7 @@ def main(argv=None) -> int:
     started = datetime.datetime.now(datetime.timezone.utc)
     parts = args.parts.split(",")
     lines = [f"## {args.label or model}: {started:%Y-%m-%d %H:%M} UTC", "",
-             f"- device: {gpu_name()}", f"- versions: {versions()}; Python {platform.python_version()}",
+             f"- device: {gpus()}", f"- versions: {versions('vllm', 'trl', 'transformers', 'torch', 'httpx')}",
              f"- model: {model}; vLLM {args.vllm}; NeMo Gym head {args.head}; agent {AGENT}",
              f"- command: `python bench/gpu_generation.py {' '.join(argv if argv is not None else sys.argv[1:])}`", ""]
     dump = {}

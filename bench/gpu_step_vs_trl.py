@@ -39,13 +39,14 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from device_info import gpus, versions  # bench/device_info.py (this script's folder is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 # GYMTRL_BENCH_SRC: another copy of gymtrl's src/ (scripts/device_bench.sh: the last commit's)
@@ -335,7 +336,7 @@ def cmd_compare(a) -> int:
     started = datetime.datetime.now(datetime.timezone.utc)
     port = a.group_port
     lines = [f"## GRPO step, gymtrl vs TRL: {started:%Y-%m-%d %H:%M} UTC", "",
-             f"- device: {gpu()}", f"- versions: {versions()}", f"- config: {a.config} {' '.join(a.overrides)}",
+             f"- device: {gpus()}", f"- versions: {versions('vllm', 'trl', 'transformers', 'torch', 'accelerate')}", f"- config: {a.config} {' '.join(a.overrides)}",
              f"- command: `python bench/gpu_step_vs_trl.py {' '.join(sys.argv[1:])}`"]
     if a.gym_servers or a.plain_servers:
         lines.append(f"- servers: every run on a fresh vLLM of its own, all alike and on the same GPU (gymtrl runs: "
@@ -399,26 +400,6 @@ def flush(a, lines, dump):
                 if r:
                     r.pop("events", None)
         Path(a.json_out).write_text(json.dumps(slim, indent=1))
-
-
-def versions() -> str:
-    import importlib.metadata as md
-
-    out = []
-    for d in ("vllm", "trl", "transformers", "torch", "accelerate"):
-        try:
-            out.append(f"{d} {md.version(d)}")
-        except md.PackageNotFoundError:
-            pass
-    return ", ".join(out) + f"; Python {platform.python_version()}"
-
-
-def gpu() -> str:
-    try:
-        return subprocess.run(["nvidia-smi", "--query-gpu=index,name,memory.total,driver_version", "--format=csv,noheader"],
-                              capture_output=True, text=True, timeout=20).stdout.strip().replace("\n", "; ")
-    except Exception:
-        return "no GPU"
 
 
 def main(argv=None) -> int:

@@ -48,6 +48,20 @@ def median_seconds(fn, repeats: int, before=None) -> float:
     return statistics.median(times)
 
 
+def device_copy_seconds(nbytes: int, repeats: int) -> float:
+    """One device-to-device copy of `nbytes`: what any sync on one GPU moves at least once."""
+    import torch
+
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+
+    def copy_once():
+        dst.copy_(src)
+        torch.cuda.synchronize()
+
+    return median_seconds(copy_once, repeats)
+
+
 def write_config(path: Path, model_dir: str, vllm_venv: str) -> None:
     path.write_text(f"""model: {{name_or_path: {model_dir}, dtype: bfloat16}}
 data: {{train: unused.jsonl}}
@@ -99,15 +113,7 @@ def measure(shape: str, model_dir: str, args, work: Path) -> list[tuple]:
                     p.add_(torch.randn(p.shape, generator=gen, device="cuda", dtype=p.dtype), alpha=1e-3)
             torch.cuda.synchronize()
 
-        src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-        dst = torch.empty_like(src)
-
-        def copy_once():
-            dst.copy_(src)
-            torch.cuda.synchronize()
-
-        bound = median_seconds(copy_once, args.repeats)
-        del src, dst
+        bound = device_copy_seconds(nbytes, args.repeats)
         rows.append((shape, "bound: one device copy of the bytes", nbytes, bound, None, {}))
         for label, sync in (("ipc, 1024 MiB buckets", IpcSync(control, 1024, "bfloat16")),
                             ("ipc, 256 MiB buckets", IpcSync(control, 256, "bfloat16")),
