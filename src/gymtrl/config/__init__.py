@@ -1,4 +1,5 @@
-"""Typed configuration: schema.py says what can be set, load.py reads YAML + overrides into it."""
+"""Typed configuration: schema.py says what can be set, load.py reads YAML + overrides into it,
+checks.py holds the rules its values must follow."""
 
 from gymtrl.config.load import load_config, write_resolved_config
 from gymtrl.config.schema import Config

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from gymtrl.config.load import server_root
+from gymtrl.config.urls import server_root
 from gymtrl.config.schema import Config
 from gymtrl.errors import ServerError
 from gymtrl.gym.discovery import wait_ready
