@@ -37,16 +37,18 @@ def ship(model, bucket_bytes: int, dtype: str) -> tuple[dict[str, torch.Tensor],
     return received, len(plan)
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_every_weight_arrives_whole_in_the_servers_dtype_over_several_buckets(tied):
+@pytest.mark.parametrize("tied, dtype", [(True, "bfloat16"), (False, "bfloat16"), (True, "float32")])
+def test_every_weight_arrives_whole_in_the_servers_dtype_over_several_buckets(tied, dtype):
     trainer = tiny_qwen(0, tied)
-    received, buckets = ship(trainer, bucket_bytes=40_000, dtype="bfloat16")
+    received, buckets = ship(trainer, bucket_bytes=40_000, dtype=dtype)
     assert buckets > 3  # the buffer was reused: a bucket overwrote the one before it
     assert set(received) == {n for n, _ in trainer.named_parameters()}
     assert ("lm_head.weight" in received) == (not tied)  # a tied head travels once, as the embedding
     for name, p in trainer.named_parameters():
-        assert received[name].dtype == torch.bfloat16
-        assert torch.equal(received[name], p.detach().to(torch.bfloat16)), name
+        assert received[name].dtype == getattr(torch, dtype)
+        assert torch.equal(received[name], p.detach().to(getattr(torch, dtype))), name
+    if dtype != "bfloat16":
+        return
 
     # Loaded by name into another model, it is the trainer's model (as vLLM's load_weights does).
     server = tiny_qwen(1, tied)

@@ -59,12 +59,12 @@ def bucket_size(bucket: list[Placed]) -> int:
 
 
 def pack_bucket(flat, bucket: list[Placed], tensors: dict) -> None:
-    """Copy each tensor of `bucket` into its place in `flat` (1-D uint8), cast to its travel dtype."""
+    """Copy each tensor of `bucket` into its place in `flat` (1-D uint8), cast to its travel dtype:
+    one multi-tensor copy (one copy kernel per tensor cost 4-8 ms for 290 tensors on an H200)."""
     import torch
 
-    for p in bucket:
-        dst = flat[p.offset:p.offset + p.nbytes].view(getattr(torch, p.dtype)).view(p.shape)
-        dst.copy_(tensors[p.name].detach())
+    dsts = [flat[p.offset:p.offset + p.nbytes].view(getattr(torch, p.dtype)).view(p.shape) for p in bucket]
+    torch._foreach_copy_(dsts, [tensors[p.name].detach() for p in bucket])
 
 
 def share_payload(flat, bucket: list[Placed]) -> str:
