@@ -129,5 +129,7 @@ def servers(tiny_model, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("servers")
     cfg = server_config(tiny_model, free_port(), free_port(), out)
-    with ServerStack(cfg, out / "logs") as stack:
+    # vLLM started as for the one-GPU sync (its worker extension loaded: test_ipc_sync.py); the
+    # trainers here use the reload sync, which any vLLM takes.
+    with ServerStack(cfg, out / "logs", strategy="ipc") as stack:
         yield Servers(cfg, stack, tiny_model)

