@@ -114,7 +114,6 @@ class IpcSync(WeightSync):
         need = max(bucket_size(b) for b in plan)
         if self.flat is None or self.flat.numel() < need or self.flat.device != params[0][1].device:
             self.flat = torch.empty(need, dtype=torch.uint8, device=params[0][1].device)
-        loaded = 0
         with torch.no_grad():
             for bucket in plan:
                 t0 = time.monotonic()
@@ -126,10 +125,7 @@ class IpcSync(WeightSync):
                 phases["rpc_seconds"] += time.monotonic() - t1
                 for key in ("open", "load"):  # the slowest worker's, as seen inside vLLM
                     phases[f"{key}_seconds"] += max(float(r.get(f"{key}_s", 0.0)) for r in results)
-                loaded += len(bucket)
         torch.cuda.ipc_collect()
-        if loaded != len(params):
-            raise WeightSyncError(f"vLLM's workers loaded {loaded} of {len(params)} tensors")
         t0 = time.monotonic()
         self.control.reset_prefix_cache()  # its cached KV was computed with the old weights
         phases["reset_seconds"] = time.monotonic() - t0
