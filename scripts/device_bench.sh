@@ -133,6 +133,13 @@ stop_servers() {
   kill -KILL -- "-$pid" 2>/dev/null; rm -f "/tmp/srv-$tag.json" "/tmp/srv-$tag.pid"
   note "stopped servers $tag"
 }
+start_relay() {  # NeMo Gym's ng_collect_rollouts relay (bench/collector_relay.py) on :11100, in front of :11000
+  PYTHONPATH=/tmp/bench-data/gym-extra:$GYM_PYTHONPATH setsid python3 bench/collector_relay.py --head http://127.0.0.1:11000 \
+    --port 11100 --legacy-dir /tmp/bench-data/legacy_agent > /tmp/relay.out 2>&1 < /dev/null &
+  echo $! > /tmp/relay.pid
+  for _ in $(seq 60); do grep -q "RELAY READY" /tmp/relay.out 2>/dev/null && break; kill -0 "$(cat /tmp/relay.pid)" 2>/dev/null || break; sleep 1; done
+  note "relay: $(tail -2 /tmp/relay.out | tr '\n' ' ' | cut -c1-300)"
+}
 stop_relay() { [ -f /tmp/relay.pid ] && kill -TERM -- "-$(cat /tmp/relay.pid)" 2>/dev/null; rm -f /tmp/relay.pid; }
 
 collect_logs() {
@@ -187,13 +194,7 @@ for st in ${stages//,/ }; do
     collect)
       wait_servers 05b $(( $(left) - 60 )) || continue
       need 60 collect || continue
-      if ! curl -sf http://127.0.0.1:11100/readyz > /dev/null; then
-        PYTHONPATH=/tmp/bench-data/gym-extra:$GYM_PYTHONPATH setsid python3 bench/collector_relay.py --head http://127.0.0.1:11000 \
-          --port 11100 --legacy-dir /tmp/bench-data/legacy_agent > /tmp/relay.out 2>&1 < /dev/null &
-        echo $! > /tmp/relay.pid
-        for _ in $(seq 60); do grep -q "RELAY READY" /tmp/relay.out 2>/dev/null && break; kill -0 "$(cat /tmp/relay.pid)" 2>/dev/null || break; sleep 1; done
-        note "relay: $(tail -2 /tmp/relay.out | tr '\n' ' ' | cut -c1-300)"
-      fi
+      curl -sf http://127.0.0.1:11100/readyz > /dev/null || start_relay
       run_stage collect 200 python3 bench/gpu_generation.py --parts collect --vllm http://127.0.0.1:8000 --head http://127.0.0.1:11000 \
         --collector-head http://127.0.0.1:11100 --collect-n 256 --collect-repeats 4 --collect-concurrency 256 --collect-tokens 64 \
         --collect-rounds 3 --gym-python python3 --gym-pythonpath "/tmp/bench-data/gym-extra:$GYM_PYTHONPATH" \
@@ -209,11 +210,7 @@ for st in ${stages//,/ }; do
         --gym-servers 8000:11000 --plain-servers 8001 --gymtrl-gpu 0 --trl-gpu 1 --steps 8 --warmup 2 --run-timeout 110 \
         --group-port 51216 --work /tmp/bench-step --out "$OUT/step.md" --json-out "$OUT/step.json" model.name_or_path=/tmp/model-0.5b
       if need 75 collect; then
-        PYTHONPATH=/tmp/bench-data/gym-extra:$GYM_PYTHONPATH setsid python3 bench/collector_relay.py --head http://127.0.0.1:11000 \
-          --port 11100 --legacy-dir /tmp/bench-data/legacy_agent > /tmp/relay.out 2>&1 < /dev/null &
-        echo $! > /tmp/relay.pid
-        for _ in $(seq 60); do grep -q "RELAY READY" /tmp/relay.out 2>/dev/null && break; kill -0 "$(cat /tmp/relay.pid)" 2>/dev/null || break; sleep 1; done
-        note "relay: $(tail -1 /tmp/relay.out | cut -c1-200)"
+        start_relay
         run_stage collect 100 python3 bench/gpu_generation.py --parts collect --vllm http://127.0.0.1:8000 --head http://127.0.0.1:11000 \
           --collector-head http://127.0.0.1:11100 --collect-n 256 --collect-repeats 4 --collect-concurrency 256 --collect-tokens 64 \
           --collect-rounds 2 --gym-python python3 --gym-pythonpath "/tmp/bench-data/gym-extra:$GYM_PYTHONPATH" \
