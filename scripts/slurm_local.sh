@@ -115,6 +115,8 @@ SlurmctldPort=$CTLD_PORT
 SlurmdPort=$SLURMD_PORT
 AuthType=$auth_type
 CredType=$cred_type
+# A requeued job may start again once its old credential expires (default 120 s): 10 s keeps tests short.
+AuthInfo=cred_expire=10
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation=$DIR/state
