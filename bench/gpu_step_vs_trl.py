@@ -15,7 +15,8 @@ sync; each run joins the server with its own NCCL group port).
 
 - gymtrl: gymtrl's `train()` on configs/bench-gpu.yaml in connect mode (vllm/gym launch off), rows =
   digit_reply with `ignore_eos` in each row's `metadata.extra_body`. Its step: TRL's sync_weights,
-  gymtrl's sync check (one scoring request + a trainer forward), the rollouts through NeMo Gym
+  gymtrl's sync check (a trainer forward pass, then one scoring request that runs beside the
+  rollouts: only the wait for it after the batch counts here), the rollouts through NeMo Gym
   (reward computed there by digit_reply's /verify), stitching, TRL's loss and optimizer.
 - trl: `trl.GRPOTrainer(use_vllm=True, vllm_mode="server")` on the same prompts (the rows' messages),
   `generation_kwargs={"ignore_eos": True}`, and a plain reward function computing the same reward
@@ -192,7 +193,8 @@ def run_gymtrl(a, out_dir: Path, cb):
                  f"rollout.max_concurrency={a.concurrency}", f"output.dir={out_dir}", *a.overrides]
     cfg = load_config(a.config, overrides)
     timed(engine_mod.RolloutEngine, "run", "gym_rollouts")
-    timed(rf.GymRolloutFunc, "_supervised_sync", "gymtrl_sync_check")
+    timed(rf.GymRolloutFunc, "_supervised_sync", "gymtrl_sync_check")  # the probe's forward pass (+ a reload/ipc push)
+    timed(rf.GymRolloutFunc, "_finish_check", "gymtrl_check_wait")  # what is left of vLLM's scoring after the batch
     # add our step timer next to gymtrl's own callbacks
     from trl import GRPOTrainer
     original_init = GRPOTrainer.__init__
@@ -207,7 +209,7 @@ def run_gymtrl(a, out_dir: Path, cb):
 
 PHASES = [  # (column, event names summed)
     ("weight sync (TRL sync_weights)", ["sync_weights"]),
-    ("gymtrl sync check", ["gymtrl_sync_check"]),
+    ("gymtrl sync check", ["gymtrl_sync_check", "gymtrl_check_wait"]),
     ("generation (+env for gymtrl)", ["vLLM.generate", "gym_rollouts"]),
     ("rewards", ["_calculate_rewards"]),
 ]

@@ -22,6 +22,8 @@
 #            server that had served one hung; six vLLMs started at once on one GPU failed their KV-cache
 #            check), gymtrl's vLLM on GPU 1 with its trainer on GPU 0, TRL's the other way round, each
 #            vLLM at 0.5 of its GPU -> $OUT/step.md, collect.md, scaling.md
+#   pairs-api2  the same pairs with configs/gpu-1x.yaml's generation settings on both sides (vLLM
+#            --api-server-count 2; gymtrl's Gym 4 copies), no collect -> $OUT/step-api2.md, scaling-api2.md
 #   one-gpu-apiN[-copiesC]  one GPU: the gen05 measurement on GPU 0 with vLLM --api-server-count N and
 #            gym.launch.copies C (servers started, measured, stopped; one variant after another) -> $OUT/generation.md
 #   stop     stops every server this script started
@@ -144,7 +146,7 @@ stop_relay() { [ -f /tmp/relay.pid ] && kill -TERM -- "-$(cat /tmp/relay.pid)" 2
 
 collect_logs() {
   rm -rf /tmp/pack && mkdir -p /tmp/pack
-  for tag in 05b 15b g0 g1 g2 g3 t0 t1 A B C D; do
+  for tag in 05b 15b g0 g1 g2 g3 t0 t1 A B C D E F G H; do
     [ -d /tmp/srv-$tag/logs ] || continue
     mkdir -p /tmp/pack/srv-$tag
     { head -c 12000 /tmp/srv-$tag/logs/vllm.log; echo; echo "[... middle cut ...]"; tail -c 12000 /tmp/srv-$tag/logs/vllm.log; } > /tmp/pack/srv-$tag/vllm.log 2>/dev/null
@@ -166,6 +168,18 @@ finish() {
 }
 trap finish EXIT
 
+step_pair() {  # GYMTRL_TAG TRL_TAG VPORT POINT STEPS RUN_TIMEOUT OUTNAME VLLM_ARGS [gym key=value ...]
+  # gymtrl's servers at VPORT (vLLM, GPU 1) and VPORT+3000 (Gym head); TRL's vLLM at VPORT+1 on GPU 0.
+  local a=$1 b=$2 vp=$3 point=$4 steps=$5 rt=$6 name=$7 x=$8; shift 8
+  start_servers "$a" /tmp/model-0.5b 1 "$vp" $((vp + 3000)) "$x" "$@"
+  start_servers "$b" /tmp/model-0.5b 0 $((vp + 1)) $((vp + 3000)) "$x" gym.launch.enabled=false
+  wait_servers "$a" $(( $(left) - 100 )) && wait_servers "$b" $(( $(left) - 100 )) || return 1
+  need 90 "$name" || return 1
+  run_stage "$name" $(( $(left) - 20 < 200 ? $(left) - 20 : 200 )) python3 bench/gpu_step_vs_trl.py compare --points "$point" \
+    --gym-servers "$vp:$((vp + 3000))" --plain-servers $((vp + 1)) --gymtrl-gpu 0 --trl-gpu 1 --steps "$steps" --warmup 2 \
+    --run-timeout "$rt" --group-port $((51216 + vp - 8000)) --work /tmp/bench-step --out "$OUT/$name.md" \
+    --json-out "$OUT/$name.json" model.name_or_path=/tmp/model-0.5b
+}
 need() { [ "$(left)" -gt "$1" ] || { note "skipping $2: $(left) s left, it needs about $1"; return 1; }; }
 run_stage() {  # NAME TIMEOUT cmd...
   local name=$1 t=$2; shift 2
@@ -199,17 +213,18 @@ for st in ${stages//,/ }; do
         --collector-head http://127.0.0.1:11100 --collect-n 256 --collect-repeats 4 --collect-concurrency 256 --collect-tokens 64 \
         --collect-rounds 3 --gym-python python3 --gym-pythonpath "/tmp/bench-data/gym-extra:$GYM_PYTHONPATH" \
         --label "Qwen2.5-0.5B shape" --out "$OUT/generation.md" --json-out /tmp/gencollect.json ;;
-    pairs)  # gymtrl vs TRL, each on a fresh vLLM of its own (NCCL re-init hangs; several vLLMs starting at
-            # once on one GPU fail their KV-cache check): A on GPU 1 for gymtrl (trainer on GPU 0), B on GPU 0
-            # for TRL (trainer on GPU 1), each vLLM at 0.5 of its GPU so the other side's trainer fits beside it.
-      X='vllm.launch.extra_args=[--gpu-memory-utilization,"0.5"]'
-      start_servers A /tmp/model-0.5b 1 8000 11000 "$X"
-      start_servers B /tmp/model-0.5b 0 8001 11000 "$X" gym.launch.enabled=false
-      if ! { wait_servers A $(( $(left) - 100 )) && wait_servers B $(( $(left) - 100 )); }; then continue; fi
-      need 100 step && run_stage step 200 python3 bench/gpu_step_vs_trl.py compare --points 64x128 \
-        --gym-servers 8000:11000 --plain-servers 8001 --gymtrl-gpu 0 --trl-gpu 1 --steps 8 --warmup 2 --run-timeout 110 \
-        --group-port 51216 --work /tmp/bench-step --out "$OUT/step.md" --json-out "$OUT/step.json" model.name_or_path=/tmp/model-0.5b
-      if need 75 collect; then
+    pairs|pairs-api2)  # gymtrl vs TRL, each on a fresh vLLM of its own (NCCL re-init hangs; several vLLMs starting
+            # at once on one GPU fail their KV-cache check): gymtrl's vLLM on GPU 1 (trainer on GPU 0), TRL's on GPU 0
+            # (trainer on GPU 1), each vLLM at 0.5 of its GPU so the other side's trainer fits beside it.
+            # pairs-api2: both vLLMs with --api-server-count 2, gymtrl's Gym with 4 copies (configs/gpu-1x.yaml's
+            # generation settings), without the collect stage.
+      X='vllm.launch.extra_args=[--gpu-memory-utilization,"0.5"]'; G=(); sfx=""; t=(A B C D); p=8000
+      if [ "$st" = pairs-api2 ]; then
+        X='vllm.launch.extra_args=[--gpu-memory-utilization,"0.5",--api-server-count,"2"]'; G=(gym.launch.copies=4)
+        sfx=-api2; t=(E F G H); p=8004
+      fi
+      step_pair "${t[0]}" "${t[1]}" $p 64x128 8 110 "step$sfx" "$X" "${G[@]}" || continue
+      if [ "$st" = pairs ] && need 75 collect; then
         start_relay
         run_stage collect 100 python3 bench/gpu_generation.py --parts collect --vllm http://127.0.0.1:8000 --head http://127.0.0.1:11000 \
           --collector-head http://127.0.0.1:11100 --collect-n 256 --collect-repeats 4 --collect-concurrency 256 --collect-tokens 64 \
@@ -217,15 +232,10 @@ for st in ${stages//,/ }; do
           --label "Qwen2.5-0.5B shape" --out "$OUT/collect.md" --json-out /tmp/gencollect.json
         stop_relay
       fi
-      stop_servers A; stop_servers B
-      need 200 pair256 || continue
-      start_servers C /tmp/model-0.5b 1 8002 11002 "$X"
-      start_servers D /tmp/model-0.5b 0 8003 11002 "$X" gym.launch.enabled=false
-      if ! { wait_servers C $(( $(left) - 90 )) && wait_servers D $(( $(left) - 90 )); }; then continue; fi
-      need 90 pair256 && run_stage pair256 $(( $(left) - 20 )) python3 bench/gpu_step_vs_trl.py compare --points 256x128 \
-        --gym-servers 8002:11002 --plain-servers 8003 --gymtrl-gpu 0 --trl-gpu 1 --steps 6 --warmup 2 --run-timeout 100 \
-        --group-port 51300 --work /tmp/bench-step --out "$OUT/scaling.md" --json-out "$OUT/scaling.json" model.name_or_path=/tmp/model-0.5b
-      stop_servers C; stop_servers D ;;
+      stop_servers "${t[0]}"; stop_servers "${t[1]}"
+      need 200 "pair256$sfx" || continue
+      step_pair "${t[2]}" "${t[3]}" $((p + 2)) 256x128 6 100 "scaling$sfx" "$X" "${G[@]}"
+      stop_servers "${t[2]}"; stop_servers "${t[3]}" ;;
     one-gpu-api*)  # one GPU (kind nvidia-h100-x1): vLLM at 0.5 of GPU 0 with N API-server processes, NeMo Gym with
                    # C copies of every server (one-gpu-apiN or one-gpu-apiN-copiesC), generation measured, stopped
       v=${st#one-gpu-}; api=${v#api}; api=${api%%-*}; copies=1
@@ -239,6 +249,6 @@ for st in ${stages//,/ }; do
         --out "$OUT/generation.md" --json-out "/tmp/gen-$v.json"
       stop_servers "$v" ;;
     stop)
-      stop_relay; for tg in 15b 05b g0 g1 g2 g3 t0 t1 A B C D; do stop_servers $tg; done ;;
+      stop_relay; for tg in 15b 05b g0 g1 g2 g3 t0 t1 A B C D E F G H; do stop_servers $tg; done ;;
   esac
 done

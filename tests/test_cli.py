@@ -117,9 +117,10 @@ def test_vllm_plugin_install_into_a_fresh_environment(tmp_path):
         "import importlib.metadata as m; "
         "print([e.value for e in m.entry_points(group='vllm.general_plugins')]); "
         "import gymtrl_vllm_plugin.plugin as p; print(p.ENV_SWITCH); "
-        "import gymtrl_vllm_plugin.weight_receiver as r; print(r.IpcWeightReceiver.gymtrl_load_packed.__name__)")],
+        "import gymtrl_vllm_plugin.receivers as r; print(r.WeightReceiver.gymtrl_load_packed.__name__, "
+        "r.WeightReceiver.gymtrl_receive_bucket.__name__)")],
         capture_output=True, text=True)
     assert probe.returncode == 0, probe.stderr
     assert probe.stdout.split("\n")[:3] == ["['gymtrl_vllm_plugin.plugin:register']", "GYMTRL_PREFIX_CORRECTION",
-                                            "gymtrl_load_packed"]
+                                            "gymtrl_load_packed gymtrl_receive_bucket"]
     assert_one_clear_error(run(["vllm-plugin", "install", "--python", str(tmp_path / "nope")]), "does not exist")

@@ -8,7 +8,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from gymtrl.config import load_config
 from gymtrl.errors import ConfigError, ServerError
-from gymtrl.servers.vllm import IPC_RECEIVER_CLASS, vllm_command
+from gymtrl.servers.vllm import RECEIVER_CLASS, vllm_command
 from gymtrl.sync.ipc import RECEIVER_METHOD, IpcSync, Placed, bucket_size, pack_bucket, plan_buckets
 from gymtrl.sync.vllm_control import VLLMControl
 from gymtrl.sync.strategies import choose_strategy, vllm_shares_trainer_gpu
@@ -109,7 +109,7 @@ def test_a_launched_vllm_loads_the_receiver_only_for_ipc(tmp_path):
                  "vllm: {launch: {enabled: true, venv: /v}}\nsync: {strategy: ipc, bucket_mb: 64}\n")
     cfg = load_config(p, [])
     ipc = vllm_command(cfg, "ipc")
-    assert ipc[ipc.index("--worker-extension-cls") + 1] == IPC_RECEIVER_CLASS
+    assert ipc[ipc.index("--worker-extension-cls") + 1] == RECEIVER_CLASS
     assert "--weight-transfer-config" not in ipc
     assert "--worker-extension-cls" not in vllm_command(cfg, "nccl") + vllm_command(cfg, "reload")
     with pytest.raises(ConfigError, match="sync.bucket_mb must be >= 1"):
@@ -125,7 +125,7 @@ def test_a_real_vllm_loads_the_receiver_and_its_call_reaches_it(servers, monkeyp
 
     log = servers.stack.vllm.log_path
     command = log.read_text().splitlines()[0]
-    assert f"--worker-extension-cls {IPC_RECEIVER_CLASS}" in command
+    assert f"--worker-extension-cls {RECEIVER_CLASS}" in command
     control = VLLMControl(servers.vllm_url, 60)
     try:
         with pytest.raises(ServerError, match="HTTP 500"):

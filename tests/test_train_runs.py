@@ -221,3 +221,42 @@ grpo: {max_steps: 6, per_device_train_batch_size: 8, num_generations: 4, max_com
     assert "restarting it (restart 1 of at most 2)" in stderr and "vLLM server exited" in stderr
     assert "restarting it (restart 2 of at most 2)" in stderr and "NeMo Gym servers exited" in stderr
     assert "Traceback" not in stderr
+
+
+def test_a_server_that_misses_a_sync_stops_the_run_before_its_batch_is_trained_on(servers, tmp_path):
+    """sync.strategy=none plays a sync that silently does nothing. The check of each push runs beside
+    the batch's rollouts; when it fails, the run stops before TRL trains on that batch."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from gymtrl.sync.strategies import ReloadSync
+    from gymtrl.sync.vllm_control import VLLMControl
+
+    # The session's vLLM serves whatever the last test pushed: give it the model's own weights, so
+    # that the run's first check (before any step) passes and step 1 trains.
+    control = VLLMControl(servers.vllm_url, 60)
+    try:
+        ReloadSync(control, tmp_path / "sync").push(AutoModelForCausalLM.from_pretrained(servers.model, dtype=torch.float32))
+    finally:
+        control.close()
+    config = tmp_path / "c.yaml"
+    config.write_text(f"""
+model: {{name_or_path: {servers.model}, dtype: float32}}
+vllm: {{dtype: float32}}
+data: {{train: [{DIGIT_ROWS}]}}
+sync: {{strategy: none}}
+grpo: {{max_steps: 5, per_device_train_batch_size: 8, num_generations: 4, max_completion_length: 8,
+        save_strategy: "no", learning_rate: 1.0e-2}}
+output: {{dir: {tmp_path / 'run'}}}
+""")
+    run = subprocess.run([sys.executable, "-m", "gymtrl.cli", "train", "--config", str(config),
+                          *servers.connect_overrides()], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 5, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr
+    [line] = [l for l in run.stderr.splitlines() if l.startswith("gymtrl: error:")]
+    assert "after step 1, the vLLM server's logprobs differ from the trainer's" in line, line
+    # Step 1 (on the weights vLLM loaded from disk, checked before its batch) was trained on; the
+    # batch of step 2, sampled from the stale server, was not.
+    steps = [m for m in read_metrics(tmp_path / "run/metrics.jsonl") if "reward" in m]
+    assert [int(m["step"]) for m in steps] == [1]
+    assert steps[0]["sync/verify_max_logprob_diff"] < 1e-3

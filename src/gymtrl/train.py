@@ -93,6 +93,7 @@ def train(cfg: Config, resume: str | None = None, stop_file: str | None = None) 
     from gymtrl.servers.stack import ServerStack
     from gymtrl.servers.vllm import served_model_name
     from gymtrl.sync.ipc import IpcSync
+    from gymtrl.sync.broadcast import BroadcastSync
     from gymtrl.sync.strategies import (NcclSync, ReloadSync, WeightSync, bound_nccl_join, choose_strategy,
                                         vllm_shares_trainer_gpu)
     from gymtrl.sync.verify import SyncVerifier, default_tolerance, probe_token_ids
@@ -149,6 +150,8 @@ def train(cfg: Config, resume: str | None = None, stop_file: str | None = None) 
             sync = ReloadSync(control, Path(cfg.sync.dir or out_dir / "weight_sync"))
         elif strategy == "ipc":
             sync = IpcSync(control, cfg.sync.bucket_mb, cfg.vllm.dtype)
+        elif strategy == "broadcast":
+            sync = BroadcastSync(control, cfg.sync.bucket_mb, cfg.vllm.dtype, cfg.vllm.request_timeout_s)
         elif strategy == "nccl":
             sync = NcclSync()
             bound_nccl_join(cfg.vllm.request_timeout_s, lambda: _nccl_join_timed_out(cfg, servers))
@@ -229,8 +232,8 @@ def check_strategy(strategy: str, cuda: bool, shares_gpu: bool, world: int) -> N
     if strategy == "ipc" and world > 1:
         raise ConfigError(f"sync.strategy=ipc takes one training process, this run has {world}",
                           hint="give vLLM its own GPU and use sync.strategy=nccl (or auto)")
-    if strategy == "nccl" and shares_gpu:
-        raise ConfigError("sync.strategy=nccl, but the vLLM gymtrl launches gets the trainer's GPU: NCCL cannot "
+    if strategy in ("nccl", "broadcast") and shares_gpu:
+        raise ConfigError(f"sync.strategy={strategy}, but the vLLM gymtrl launches gets the trainer's GPU: NCCL cannot "
                           "connect two processes on one GPU",
                           hint="use sync.strategy=ipc (or auto), or give vLLM another GPU with "
                           "vllm.launch.env.CUDA_VISIBLE_DEVICES")

@@ -7,7 +7,7 @@ from gymtrl.config.schema import Config, PrepareConfig
 from gymtrl.config.urls import same_server
 from gymtrl.errors import ConfigError
 
-SYNC_STRATEGIES = ("auto", "nccl", "ipc", "reload", "none")
+SYNC_STRATEGIES = ("auto", "nccl", "broadcast", "ipc", "reload", "none")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 JUDGE_SERVERS = ("none", "policy", "url", "launch")
 PREPARE_SOURCE_KINDS = ("path", "hf", "gym_dataset", "reasoning_gym")

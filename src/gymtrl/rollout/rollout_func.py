@@ -17,6 +17,7 @@ import contextlib
 import logging
 import time
 from collections import Counter, defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
 from statistics import mean
 from typing import Callable
 
@@ -46,50 +47,63 @@ class GymRolloutFunc:
         self.placeholder = placeholder_token_id
         self.synced_step: int | None = None
         self.pending_metrics: dict[str, float] = {}
+        # The check of the weights just pushed runs beside the batch (one thread, one check at a time).
+        self._checker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gymtrl-sync-check")
 
     # --- weight sync ------------------------------------------------------------------------
-    def _sync(self, trainer) -> dict[str, float]:
-        """Push this step's weights to vLLM and check them (main process); every process takes part
-        in a ZeRO-3 gather, then waits until vLLM holds them, so no rollout samples stale weights."""
+    def _sync(self, trainer) -> tuple[dict[str, float], Future | None]:
+        """Push this step's weights to vLLM (main process); every process takes part in a ZeRO-3
+        gather, then waits until vLLM holds them. Returns the metrics and, after a push, the check of
+        the pushed weights, still running: `_finish_check` must pass before the batch is used."""
         step = trainer.state.global_step
         if step == self.synced_step:
-            return {}
+            return {}, None
         model = trainer.accelerator.unwrap_model(trainer.model)
         main = trainer.accelerator.is_main_process
         zero3 = is_zero3(model)
         # The check's forward pass: on the main process, or in lockstep on all under ZeRO-3.
         ours = self.verifier.trainer_side(model) if self.verifier is not None and (main or zero3) else None
         metrics: dict[str, float] = {}
-        # ZeRO-3: whole parameters for the push, gathered by all processes; only the reload and ipc syncs
-        # need them (TRL's NCCL sync gathers one parameter at a time itself, and a whole-model gather could
+        check: Future | None = None
+        # ZeRO-3: whole parameters for the push, gathered by all processes; only gymtrl's own syncs need
+        # them (TRL's NCCL sync gathers one parameter at a time itself, and a whole-model gather could
         # not fit where ZeRO-3 is needed most).
-        gather = full_weights(model) if self.sync.name in ("reload", "ipc") else contextlib.nullcontext()
+        gather = full_weights(model) if self.sync.name in ("reload", "ipc", "broadcast") else contextlib.nullcontext()
         with gather:
             if main:
-                metrics = self._push_and_verify(model, step, ours)
+                metrics, check = self._push(model, step, ours)
         trainer.accelerator.wait_for_everyone()
         self.synced_step = step
-        return metrics
+        return metrics, check
 
-    def _push_and_verify(self, model, step: int, ours) -> dict[str, float]:
+    def _push(self, model, step: int, ours) -> tuple[dict[str, float], Future | None]:
         metrics: dict[str, float] = {}
-        diff = None
         if self.synced_step is None and self.verifier is not None and self.sync.name != "nccl":
             # First call: the server loaded the model from disk; push only if it is not ours
             # (a resumed run, or a server started from another checkpoint).
             try:
                 diff = self.verifier.check(model, step, ours)
+                metrics["sync/verify_max_logprob_diff"] = diff
+                metrics["sync/verify_bound"] = self.verifier.last_bound
+                return metrics, None
             except WeightSyncError:
                 pass
-        if diff is None:
-            metrics["sync/seconds"] = self.sync.push(model)
-            metrics.update({f"sync/{phase}": seconds for phase, seconds in self.sync.phases.items()})
-            if self.verifier is not None:
-                diff = self.verifier.check(model, step, ours)
-        if diff is not None:
-            metrics["sync/verify_max_logprob_diff"] = diff
-            metrics["sync/verify_bound"] = self.verifier.last_bound
-        return metrics
+        metrics["sync/seconds"] = self.sync.push(model)
+        metrics.update({f"sync/{phase}": seconds for phase, seconds in self.sync.phases.items()})
+        if self.verifier is None:
+            return metrics, None
+        # The check (one prompt scored by vLLM, ~50 ms on a GPU) runs while the batch's rollouts do:
+        # the push is complete, so both see the same weights, and no batch is used before it passes.
+        return metrics, self._checker.submit(self.verifier.check, model, step, ours)
+
+    def _finish_check(self, check: Future | None) -> dict[str, float]:
+        """Wait for the check of the pushed weights; raises WeightSyncError if they are not served."""
+        if check is None:
+            return {}
+        start = time.monotonic()
+        diff = check.result()
+        return {"sync/verify_max_logprob_diff": diff, "sync/verify_bound": self.verifier.last_bound,
+                "sync/verify_wait_seconds": time.monotonic() - start}
 
     def _follow_restarts(self) -> None:
         """After servers were restarted: find Gym's agents again, and make the next sync check (and
@@ -97,37 +111,67 @@ class GymRolloutFunc:
         if self.supervisor is None or self.supervisor.generation == self.seen_generation:
             return
         self.seen_generation = self.supervisor.generation
+        self.sync.servers_restarted()
         if self.rediscover is not None:
             self.engine.topology = self.rediscover()
         self.synced_step = None
 
-    def _supervised_sync(self, trainer) -> dict[str, float]:
-        """_sync, once more after restarting a server that exited under it (supervision.on_server_exit)."""
+    def _recover_or_raise(self) -> None:
+        """After a sync or its check failed: restart the server that exited under it
+        (supervision.on_server_exit), or re-raise the failure."""
+        if self.supervisor is None or not self.supervisor.recover():
+            raise
+        self._follow_restarts()
+
+    def _supervised_sync(self, trainer) -> tuple[dict[str, float], Future | None]:
+        """_sync, once more after restarting a server that exited under it."""
         try:
             return self._sync(trainer)
         except (ServerError, WeightSyncError):
-            if self.supervisor is None or not self.supervisor.recover():
-                raise
-        self._follow_restarts()
+            self._recover_or_raise()
         return self._sync(trainer)
+
+    def _run_batch(self, rows: list[dict], trainer, metrics: dict[str, float], check: Future | None):
+        """The batch's rollouts, with the sync's check running beside them: the outcomes are returned
+        only once the check passed. A server restarted mid-batch, or a failed check that a restart
+        recovers from, runs the whole batch again on freshly synced weights."""
+        step = trainer.state.global_step
+        while True:
+            try:
+                outcomes = self.engine.run(rows)
+            except ServersRestarted as e:
+                log.warning("step %d: the batch in flight is run again after restarting %s", step, ", ".join(e.names))
+                self._drop_check(check)
+                self._follow_restarts()
+                more, check = self._supervised_sync(trainer)
+                metrics.update(more)
+                continue
+            try:
+                metrics.update(self._finish_check(check))
+                return outcomes
+            except (ServerError, WeightSyncError):
+                self._recover_or_raise()
+                log.warning("step %d: the batch is run again: the sync check failed and a server was restarted", step)
+                self.synced_step = None  # push and check again, whatever was restarted
+                more, check = self._supervised_sync(trainer)
+                metrics.update(more)
+
+    @staticmethod
+    def _drop_check(check: Future | None) -> None:
+        """A check whose batch is abandoned: its outcome no longer matters, only that it is over."""
+        if check is not None:
+            with contextlib.suppress(Exception):
+                check.result()
 
     # --- the TRL entry point -----------------------------------------------------------------
     def __call__(self, prompts: list, trainer) -> dict:
         if self.supervisor is not None:
             self.supervisor.check()  # a server that exited since the last batch: restarted, or the run stops
         self._follow_restarts()
-        metrics = self._supervised_sync(trainer)
+        metrics, check = self._supervised_sync(trainer)
         rows = [self.rows[key] for key in prompts]
         start = time.monotonic()
-        while True:
-            try:
-                outcomes = self.engine.run(rows)
-                break
-            except ServersRestarted as e:  # the whole batch again, on the restarted servers
-                log.warning("step %d: the batch in flight is run again after restarting %s",
-                            trainer.state.global_step, ", ".join(e.names))
-                self._follow_restarts()
-                metrics.update(self._supervised_sync(trainer))
+        outcomes = self._run_batch(rows, trainer, metrics, check)
         metrics["rollout/batch_seconds"] = time.monotonic() - start
         if self.supervisor is not None:
             metrics["servers/restarts"] = float(self.supervisor.restarts)

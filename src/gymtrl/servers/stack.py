@@ -21,7 +21,7 @@ from gymtrl.errors import ServerError
 from gymtrl.gym.discovery import wait_ready
 from gymtrl.servers.gym import gym_command
 from gymtrl.servers.process import ManagedProcess, http_ok
-from gymtrl.servers.vllm import (judge_vllm_command, judge_vllm_env, served_model_name, vllm_command, vllm_env,
+from gymtrl.servers.vllm import (RECEIVER_STRATEGIES, judge_vllm_command, judge_vllm_env, served_model_name, vllm_command, vllm_env,
                                  vllm_python)
 from gymtrl.sync.vllm_control import VLLMControl
 from gymtrl.vllm_plugin.install import ensure_installed
@@ -96,7 +96,7 @@ class ServerStack:
             ensure_port_free(cfg.gym.head_server_url, "gym.head_server_url")
         if cfg.judge.server == "launch":
             ensure_port_free(cfg.judge.base_url, "judge.base_url")  # type: ignore[arg-type]
-        needs_plugin = cfg.vllm.prefix_correction or self.strategy == "ipc"
+        needs_plugin = cfg.vllm.prefix_correction or self.strategy in RECEIVER_STRATEGIES
         if cfg.vllm.launch.enabled and needs_plugin and vllm_python(cfg):
             if ensure_installed(vllm_python(cfg)):
                 log.info("installed gymtrl's vLLM plugin into %s", cfg.vllm.launch.venv)

@@ -9,7 +9,9 @@ from gymtrl.config.schema import Config
 from gymtrl.errors import ConfigError
 from gymtrl.vllm_plugin.plugin import ENV_SWITCH
 
-IPC_RECEIVER_CLASS = "gymtrl_vllm_plugin.weight_receiver.IpcWeightReceiver"
+# The worker extension that takes gymtrl's own weight pushes (sync.strategy ipc and broadcast).
+RECEIVER_CLASS = "gymtrl_vllm_plugin.receivers.WeightReceiver"
+RECEIVER_STRATEGIES = ("ipc", "broadcast")
 
 
 def served_model_name(cfg: Config) -> str:
@@ -39,8 +41,8 @@ def vllm_command(cfg: Config, strategy: str) -> list[str]:
         cmd += ["--tensor-parallel-size", str(cfg.vllm.tensor_parallel_size)]
     if strategy == "nccl":
         cmd += ["--weight-transfer-config", '{"backend":"nccl"}']
-    elif strategy == "ipc":
-        cmd += ["--worker-extension-cls", IPC_RECEIVER_CLASS]
+    elif strategy in RECEIVER_STRATEGIES:
+        cmd += ["--worker-extension-cls", RECEIVER_CLASS]
     return cmd + list(launch.extra_args)
 
 

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 
 from gymtrl.errors import ServerError, WeightSyncError
-from gymtrl.servers.vllm import IPC_RECEIVER_CLASS
+from gymtrl.servers.vllm import RECEIVER_CLASS
 from gymtrl.sync.strategies import WeightSync
 from gymtrl.sync.vllm_control import VLLMControl
 from gymtrl.vllm_plugin.weight_receiver import ALIGN_BYTES, DTYPES, PAYLOAD_VERSION
@@ -140,7 +140,7 @@ class IpcSync(WeightSync):
             raise ServerError(
                 f"the vLLM server did not take the weights over CUDA IPC: {e.message}",
                 hint=f"see vLLM's log; a server gymtrl did not launch needs `gymtrl vllm-plugin install --python "
-                f"<vLLM's python>` and `--worker-extension-cls {IPC_RECEIVER_CLASS}`, on the trainer's GPU") from None
+                f"<vLLM's python>` and `--worker-extension-cls {RECEIVER_CLASS}`, on the trainer's GPU") from None
         counts = {r.get("tensors") if isinstance(r, dict) else None for r in results}
         if counts != {len(bucket)}:  # every worker (one per tensor-parallel rank) loads the whole bucket
             raise WeightSyncError(f"vLLM's workers answered {str(results)[:300]} for a bucket of {len(bucket)} tensors")

@@ -50,6 +50,9 @@ class WeightSync:
         """Make the server serve `model`'s current weights; returns the seconds it took."""
         return 0.0
 
+    def servers_restarted(self) -> None:
+        """Servers were restarted (supervision): forget any connection to the old vLLM."""
+
 
 class NcclSync(WeightSync):
     """TRL pushed the weights already (GRPOTrainer._generate, before rollout_func); `push` returns
@@ -104,24 +107,32 @@ def bound_nccl_join(timeout_s: float, give_up: Callable[[], None]) -> None:
     VLLMClient.init_communicator = bounded_init_communicator
 
 
-def write_untied_head(model, directory: Path) -> None:
-    """Store a tied output head as its own tensor next to the checkpoint.
+def tied_head(model):
+    """(name, weight) of an output head tied to the input embeddings, else None.
 
-    save_pretrained drops `lm_head.weight` when it is tied to the input embeddings, and vLLM's
+    Neither save_pretrained nor named_parameters() lists `lm_head.weight` when it is tied, and vLLM's
     in-place `reload_weights` (0.32, layerwise) then leaves its LM head at the *old* values
     ("ParallelLMHead: Failed to load weights"): the server samples from a stale head while
     every other weight is new. Measured here: logprob difference 0.96 after an embedding change.
-    """
+    So the syncs that can go through that reload send the head under its own name too."""
     if not getattr(model.config, "tie_word_embeddings", False):
-        return
+        return None
     head = model.get_output_embeddings()
     name = next((n for n, m in model.named_modules() if m is head), None)
     if head is None or name is None:
+        return None
+    return f"{name}.weight", head.weight
+
+
+def write_untied_head(model, directory: Path) -> None:
+    """Store a tied output head as its own tensor next to the checkpoint (see tied_head)."""
+    found = tied_head(model)
+    if found is None:
         return
     from safetensors.torch import save_file
 
-    key = f"{name}.weight"
-    save_file({key: head.weight.detach().to("cpu").contiguous().clone()}, str(directory / "tied_head.safetensors"),
+    key, weight = found
+    save_file({key: weight.detach().to("cpu").contiguous().clone()}, str(directory / "tied_head.safetensors"),
               metadata={"format": "pt"})
     index = directory / "model.safetensors.index.json"
     if index.exists():  # sharded: loaders read only the files the index names

@@ -1,6 +1,6 @@
 """vLLM worker extension: take new weights from a trainer on the same GPU through CUDA IPC.
 
-Started with `vllm serve ... --worker-extension-cls gymtrl_vllm_plugin.weight_receiver.IpcWeightReceiver`
+Part of `vllm serve ... --worker-extension-cls gymtrl_vllm_plugin.receivers.WeightReceiver`
 (gymtrl adds it when sync.strategy is ipc). The trainer packs its parameters into one flat GPU
 buffer (a bucket at a time), shares the buffer's CUDA IPC handle, and calls the method below
 through vLLM's `/collective_rpc`; each worker opens the buffer, loads the tensors with the model's
