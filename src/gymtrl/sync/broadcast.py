@@ -167,6 +167,7 @@ class BroadcastSync(WeightSync):
                                   hint="see vLLM's log; the plugin in vLLM's environment must be this gymtrl's "
                                   "(`gymtrl vllm-plugin install --python <vLLM's python>`)")
         if len(answers) < len(keys):  # answered before every worker said it was ready: a failure
+            self._abandon()  # (a vLLM restarted behind gymtrl's back has left the group: the next push rejoins)
             call.result()  # raises the HTTP error
             raise WeightSyncError(f"vLLM's workers answered {str(call.result())[:200]} without taking the bucket")
         work = self.group.broadcast(self.flat[:size], 0)
