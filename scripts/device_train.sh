@@ -20,6 +20,8 @@
 #       that show what the sync check tells apart: "stale" (sync.strategy=none, lr 1e-2: the check
 #       must stop it) and "fresh" (the config's sync, lr 1e-2, 20 steps: must pass); $OUT gets gpus.txt,
 #       stale.tgz, fresh.tgz.
+# syncs LIMIT [key=value ...]: two runs of at most LIMIT s each (use 220 with timeout_s=600), the config
+#       with sync.strategy=nccl (TRL's) and then =broadcast (gymtrl's own); $OUT gets nccl.tgz, broadcast.tgz.
 # sync1 LIMIT: bench/weight_sync_one_gpu.py on GPU 0 for the 0.5B and 1.5B shapes (builds the 1.5B
 #       model first): ipc and reload against one device copy of the same bytes -> $OUT/weight_sync_one_gpu.md.
 # PATCH=file.diff before any: apply a proposed src/ change to the device's copy first.
@@ -161,7 +163,8 @@ for line in open(f"{run}/metrics.jsonl") if os.path.exists(f"{run}/metrics.jsonl
     if "reward" not in r:
         continue
     g = lambda k: nan if r.get(k) is None else r[k]
-    print(f'{r["step"]:4d} {g("reward"):.4f} {g("sync/verify_max_logprob_diff"):.4g} {sync.get(r["step"] - 1, nan):.3f} '
+    synced = r["sync/seconds"] if r.get("sync/seconds") else sync.get(r["step"] - 1, nan)  # gymtrl's own syncs, else TRL's
+    print(f'{r["step"]:4d} {g("reward"):.4f} {g("sync/verify_max_logprob_diff"):.4g} {synced:.3f} '
           f'{g("step_time"):.2f} {g("rollout/batch_seconds"):.2f}')
 EOF
 }
@@ -227,6 +230,11 @@ if [ "$mode" = sync1 ]; then
   rc=${PIPESTATUS[0]}
   for f in /tmp/sync1gpu-*/vllm-*.log; do echo "== $f"; tail -c 4000 "$f"; done >> "$OUT/sync1.log" 2>/dev/null
   exit "$rc"
+fi
+if [ "$mode" = syncs ]; then  # the two-GPU syncs side by side: TRL's (nccl), then gymtrl's own (broadcast)
+  run_gymtrl nccl "$limit" sync.strategy=nccl "$@"
+  run_gymtrl broadcast "$limit" sync.strategy=broadcast "$@"
+  exit $?
 fi
 # controls LIMIT: two short runs that show what the sync check can tell apart, same model and config.
 #  stale: sync.strategy=none (vLLM never gets new weights), learning rate x1000 (1e-2): the check must
