@@ -48,6 +48,7 @@ import time
 from pathlib import Path
 
 from device_info import gpus, versions  # bench/device_info.py (this script's folder is on sys.path)
+from call_timer import time_calls  # bench/call_timer.py
 
 REPO = Path(__file__).resolve().parents[1]
 # GYMTRL_BENCH_SRC: another copy of gymtrl's src/ (scripts/device_bench.sh: the last commit's)
@@ -81,16 +82,7 @@ def instrument_trl() -> None:
 
 
 def timed(owner, attr: str, name: str) -> None:
-    original = getattr(owner, attr)
-
-    def wrapper(*a, **k):
-        t0 = time.perf_counter()
-        try:
-            return original(*a, **k)
-        finally:
-            record(name, time.perf_counter() - t0)
-
-    setattr(owner, attr, wrapper)
+    time_calls(owner, attr, lambda seconds: record(name, seconds))
 
 
 def step_callback():

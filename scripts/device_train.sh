@@ -124,16 +124,13 @@ def _log_to_file(self, duration):
 profiling.ProfilingContext._log_metrics = _log_to_file
 # Where TRL's NCCL sync spends its time: each call of these, timed, into the same file.
 def _timed(owner, attr, label):
-    original = getattr(owner, attr)
-    def timed(*args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            with open(os.environ["GYMTRL_PROFILE_JSONL"], "a") as f:
-                f.write(json.dumps({"name": label, "seconds": round(time.perf_counter() - t0, 6), "t": round(time.time(), 3)}) + "\n")
-    setattr(owner, attr, timed)
+    def write(seconds):
+        with open(os.environ["GYMTRL_PROFILE_JSONL"], "a") as f:
+            f.write(json.dumps({"name": label, "seconds": round(seconds, 6), "t": round(time.time(), 3)}) + "\n")
+    time_calls(owner, attr, write)
 try:
+    sys.path.insert(0, "bench")
+    from call_timer import time_calls
     from trl.generation.vllm_client import VLLMClient
     from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngine
     for name in ("_start_weight_update", "_finish_weight_update", "update_named_params", "reset_prefix_cache"):
