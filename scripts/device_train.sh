@@ -46,7 +46,7 @@ if [ "$mode" = prep ]; then
   exit 0
 fi
 
-# ---- run LIMIT [key=value ...] | controls LIMIT ----------------------------------------------
+# ---- run LIMIT [key=value ...] | syncs LIMIT [key=value ...] | controls LIMIT | sync1 LIMIT ----------------
 limit=${1:-420}; shift || true
 : > "$OUT/gpus.txt"
 inst=$(first_file .gpu-bundle/p*/install.sh)
