@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import random
 import time
 
@@ -25,16 +26,36 @@ from aiohttp import web
 PROMPT_IDS = list(range(10, 42))  # any ids below the tiny model's vocabulary size
 
 
-def completion(body: dict, model: str, rng: random.Random) -> dict:
+def prompt_ids(messages: list[dict]) -> list[int]:
+    """Prompt token ids that extend the conversation's last model call as a real server's do: that
+    call's prompt and generation, then a token per message since (tool results), then one for the
+    generation prompt. Multi-turn stitching (gymtrl's prefix check) then holds."""
+    for i in range(len(messages) - 1, -1, -1):
+        m = messages[i]
+        if m.get("role") == "assistant" and m.get("prompt_token_ids") and m.get("generation_token_ids"):
+            return list(m["prompt_token_ids"]) + list(m["generation_token_ids"]) + [7] * (len(messages) - 1 - i) + [8]
+    return PROMPT_IDS
+
+
+def completion(body: dict, model: str, rng: random.Random, tool_turns: int = 1, tool_call: tuple = ()) -> dict:
+    """One chat completion; with tool_turns T, the first T - 1 model calls of a conversation call `tool_call`."""
     n = max(1, min(int(body.get("max_tokens") or 4), 4))
     ids = [rng.randrange(100, 200) for _ in range(n)]
     text = "".join(str(rng.randrange(10)) for _ in range(n))  # digit_reply's reward: all digits
+    messages = body.get("messages") or []
+    calls_so_far = sum(m.get("role") == "assistant" for m in messages)
+    calls = []
+    if calls_so_far < tool_turns - 1:
+        name, arguments = tool_call
+        calls = [{"id": f"call_{rng.getrandbits(32):x}", "type": "function",
+                  "function": {"name": name, "arguments": json.dumps(arguments)}}]
+        text = ""
     return {
         "id": f"chatcmpl-{rng.getrandbits(48):x}", "object": "chat.completion", "created": int(time.time()),
-        "model": model, "prompt_token_ids": PROMPT_IDS,
+        "model": model, "prompt_token_ids": prompt_ids(messages),
         "choices": [{
-            "index": 0, "finish_reason": "stop", "token_ids": ids,
-            "message": {"role": "assistant", "content": text, "tool_calls": []},
+            "index": 0, "finish_reason": "tool_calls" if calls else "stop", "token_ids": ids,
+            "message": {"role": "assistant", "content": text, "tool_calls": calls},
             "logprobs": {"content": [{"token": f"token_id:{i}", "logprob": -0.5, "bytes": None, "top_logprobs": []}
                                      for i in ids]},
         }],
@@ -42,7 +63,8 @@ def completion(body: dict, model: str, rng: random.Random) -> dict:
     }
 
 
-def make_app(model: str, hold_s: float, slow_every: int = 0, slow_hold_s: float = 0.0) -> web.Application:
+def make_app(model: str, hold_s: float, slow_every: int = 0, slow_hold_s: float = 0.0, tool_turns: int = 1,
+             tool_call: tuple = ()) -> web.Application:
     rng = random.Random(0)
     state = {"in_flight": 0, "peak_in_flight": 0, "requests": 0}
 
@@ -61,7 +83,7 @@ def make_app(model: str, hold_s: float, slow_every: int = 0, slow_hold_s: float 
     async def chat(request: web.Request) -> web.Response:
         body = await request.json()
         await hold()
-        return web.json_response(completion(body, model, rng))
+        return web.json_response(completion(body, model, rng, tool_turns, tool_call))
 
     async def agent_run(request: web.Request) -> web.Response:
         """POST /run as a NeMo Gym agent answers it: measures gymtrl's client with no Gym in between."""
@@ -103,9 +125,14 @@ def main() -> None:
     parser.add_argument("--hold-ms", type=float, default=0.0)
     parser.add_argument("--slow-every", type=int, default=0, help="hold every Nth request --slow-hold-ms instead")
     parser.add_argument("--slow-hold-ms", type=float, default=0.0)
+    parser.add_argument("--tool-turns", type=int, default=1, help="model calls per conversation: the first N - 1 call --tool")
+    parser.add_argument("--tool", default='company_directory_find_email_address {"name": "carlos"}',
+                        help="the tool call: a name, a space, JSON arguments")
     args = parser.parse_args()
-    web.run_app(make_app(args.model, args.hold_ms / 1000, args.slow_every, args.slow_hold_ms / 1000), host="127.0.0.1", port=args.port, print=None,
-                backlog=4096)
+    name, _, arguments = args.tool.partition(" ")
+    app = make_app(args.model, args.hold_ms / 1000, args.slow_every, args.slow_hold_ms / 1000, args.tool_turns,
+                   (name, json.loads(arguments or "{}")))
+    web.run_app(app, host="127.0.0.1", port=args.port, print=None, backlog=4096)
 
 
 if __name__ == "__main__":

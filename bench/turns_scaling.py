@@ -1,0 +1,171 @@
+"""How the rollout path's cost grows with turns per rollout (issue 6, item 5), on CPU.
+
+    source scripts/env.sh && python bench/turns_scaling.py [--turns 1 2 4 6] [--rollouts 64] [--hold-ms 0]
+
+NeMo Gym 0.7's workplace_assistant (simple_agent, up to 6 model calls; 27 tools) with its vllm_model
+in training mode, launched as `gymtrl train` launches them. Generation is FakeFastGenerationBackend
+(bench/fake_fast_generation_backend.py, a fake named as one): it answers each model call after
+--hold-ms, the first T - 1 calls of a conversation with a tool call (company_directory_find_email_address,
+which the resources server really runs), with prompt token ids that extend the previous call's as a
+real server's do. So this measures the CPU side of a turn: gymtrl's client and stitching, NeMo Gym's
+agent, model and resources servers; not generation (that is the GPU's, measured by scripts/device_bench.sh).
+
+For each T: a fresh backend and Gym, a warm-up batch, then --repeats batches of --rollouts rollouts,
+all in flight at once: every rollout must come back with T model calls and no failure. Reported: wall
+time per batch, model calls per second, and CPU milliseconds per model call in gymtrl's process and in
+Gym's processes. Writes bench/results/turns_scaling.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rollout_load import REPO, Backend, descendants, free_port, versions  # noqa: E402  (also puts src/ on sys.path)
+
+from gymtrl.config.load import load_config  # noqa: E402
+from gymtrl.gym.discovery import discover, wait_ready  # noqa: E402
+from gymtrl.rollout.engine import RolloutEngine, SamplingParams  # noqa: E402
+from gymtrl.rollout.failures import FailureBound, FailureLedger  # noqa: E402
+from gymtrl.servers.gym import gym_command  # noqa: E402
+from gymtrl.servers.process import ManagedProcess  # noqa: E402
+
+AGENT = "workplace_assistant_simple_agent"
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of `pids` (those still alive)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / TICKS
+
+
+def rows(n: int) -> list[dict]:
+    site = Path(os.environ["GYMTRL_GYM_SITE"]) / "resources_servers/workplace_assistant/data/example.jsonl"
+    base = [json.loads(line) for line in site.read_text().splitlines() if line.strip()]
+    for row in base:
+        row["agent_ref"] = {"type": "responses_api_agents", "name": AGENT}
+    return [base[i % len(base)] for i in range(n)]
+
+
+def write_config(tmp: Path, backend_port: int, head_port: int) -> Path:
+    path = tmp / "turns.yaml"
+    path.write_text(f"""
+model: {{name_or_path: unused, dtype: float32}}
+data: {{train: [unused.jsonl]}}
+gym:
+  head_server_url: http://127.0.0.1:{head_port}
+  launch:
+    enabled: true
+    venv: {os.environ['GYMTRL_GYM_VENV']}
+    config_paths: [responses_api_models/vllm_model/configs/vllm_model_for_training.yaml,
+                   resources_servers/workplace_assistant/configs/workplace_assistant.yaml]
+vllm: {{base_url: "http://127.0.0.1:{backend_port}", served_model_name: tiny}}
+output: {{dir: {tmp}}}
+""")
+    return path
+
+
+def run_batch(topo, batch: list[dict], gym_pids: list[int], timeout_s: float) -> dict:
+    ledger = FailureLedger(FailureBound(max_rate=1.0, window=len(batch), min_rollouts=len(batch) + 1))
+    engine = RolloutEngine(topo, SamplingParams(1.0, 1.0, 4), ledger, max_concurrency=len(batch),
+                           timeout_s=timeout_s, retries=0, retry_backoff_s=0.1, vocab_size=1000)
+    try:
+        ours0, gym0, t0 = time.process_time(), cpu_seconds(gym_pids), time.monotonic()
+        outcomes = engine.run(batch)
+        wall, ours, gym = time.monotonic() - t0, time.process_time() - ours0, cpu_seconds(gym_pids) - gym0
+    finally:
+        engine.close()
+    failures = [f"{o.failure.value}: {o.detail[:200]}" for o in outcomes if o.failure is not None]
+    return {"wall_s": wall, "gymtrl_cpu_s": ours, "gym_cpu_s": gym, "failures": failures,
+            "model_calls": [o.model_calls for o in outcomes]}
+
+
+def measure(tmp: Path, turns: int, n: int, repeats: int, hold_ms: float, timeout_s: float) -> dict:
+    with Backend(tmp, f"backend-t{turns}", hold_ms, "--tool-turns", str(turns)) as backend:
+        head_port = free_port()
+        cfg = load_config(write_config(tmp, backend.port, head_port))
+        gym = ManagedProcess("NeMo Gym servers", gym_command(cfg, tmp / f"gym-logs-t{turns}"), tmp / f"gym-t{turns}.log")
+        gym.start()
+        try:
+            wait_ready(cfg.gym.head_server_url, 300, is_alive=gym.alive)
+            topo = discover(cfg.gym.head_server_url)
+            pids = descendants(gym.proc.pid)
+            run_batch(topo, rows(min(n, 16)), pids, timeout_s)  # warm-up: connections, first imports
+            runs = [run_batch(topo, rows(n), pids, timeout_s) for _ in range(repeats)]
+        finally:
+            gym.stop()
+    calls = [c for r in runs for c in r["model_calls"]]
+    failures = [f for r in runs for f in r["failures"]]
+    total_calls = sum(calls)
+    wall = statistics.median(r["wall_s"] for r in runs)
+    out = {"turns": turns, "rollouts": n * repeats, "failures": failures, "calls_ok": all(c == turns for c in calls),
+           "calls_seen": sorted(set(calls)), "wall_s": wall, "calls_per_s": total_calls / sum(r["wall_s"] for r in runs),
+           "gymtrl_ms_per_call": 1000 * sum(r["gymtrl_cpu_s"] for r in runs) / max(total_calls, 1),
+           "gym_ms_per_call": 1000 * sum(r["gym_cpu_s"] for r in runs) / max(total_calls, 1)}
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def report(args, results: list[dict]) -> str:
+    first = results[0]
+    lines = [
+        "# Rollout cost vs turns per rollout (CPU side)", "",
+        f"`python bench/turns_scaling.py {' '.join(sys.argv[1:])}` on {datetime.date.today()}, {os.cpu_count()} CPU cores, "
+        f"{versions()}.",
+        "NeMo Gym's workplace_assistant (simple_agent, vllm_model in training mode, the resources server running "
+        "each tool call) and gymtrl's rollout engine; generation is FakeFastGenerationBackend (a fake, named as one: "
+        f"each model call answered after {args.hold_ms:g} ms; the first T - 1 calls of a conversation call a tool). "
+        f"Each row: {args.repeats} batch(es) of {args.rollouts} rollouts, all in flight at once; everything on the same cores.",
+        "",
+        "| turns (model calls) per rollout | rollouts | failed | every rollout had T calls | batch wall s (median) | "
+        "model calls / s | gymtrl CPU ms / call | Gym CPU ms / call | batch wall vs the first row |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(f"| {r['turns']} | {r['rollouts']} | {len(r['failures'])} | {'yes' if r['calls_ok'] else 'no: ' + str(r['calls_seen'])} | "
+                     f"{r['wall_s']:.2f} | {r['calls_per_s']:.0f} | {r['gymtrl_ms_per_call']:.2f} | {r['gym_ms_per_call']:.2f} | "
+                     f"{r['wall_s'] / first['wall_s']:.2f}x |")
+    lines += ["", "A turn's CPU cost is the sum of the two CPU columns; on a GPU machine, where generation is",
+              "far faster than on these cores, it bounds how many turns per second the Gym side can feed vLLM",
+              "(gym.launch.copies spreads it over more processes)."]
+    bad = [f for r in results for f in r["failures"]]
+    if bad:
+        lines += ["", "Failures (first 5):", *[f"- {f}" for f in bad[:5]]]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--turns", type=int, nargs="+", default=[1, 2, 4, 6])
+    parser.add_argument("--rollouts", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--hold-ms", type=float, default=0.0)
+    parser.add_argument("--timeout-s", type=float, default=300.0)
+    parser.add_argument("--out", type=Path, default=REPO / "bench/results/turns_scaling.md")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="gymtrl-turns-") as tmp:
+        results = [measure(Path(tmp), t, args.rollouts, args.repeats, args.hold_ms, args.timeout_s) for t in args.turns]
+    text = report(args, results)
+    print(text)
+    args.out.write_text(text)
+    if any(r["failures"] or not r["calls_ok"] for r in results):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
