@@ -133,16 +133,22 @@ def report(args, results: list[dict]) -> str:
         f"Each row: {args.repeats} batch(es) of {args.rollouts} rollouts, all in flight at once; everything on the same cores.",
         "",
         "| turns (model calls) per rollout | rollouts | failed | every rollout had T calls | batch wall s (median) | "
-        "model calls / s | gymtrl CPU ms / call | Gym CPU ms / call | batch wall vs the first row |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "model calls / s | gymtrl CPU ms / call | Gym CPU ms / call | Gym CPU ms / rollout | batch wall vs the first row |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(f"| {r['turns']} | {r['rollouts']} | {len(r['failures'])} | {'yes' if r['calls_ok'] else 'no: ' + str(r['calls_seen'])} | "
                      f"{r['wall_s']:.2f} | {r['calls_per_s']:.0f} | {r['gymtrl_ms_per_call']:.2f} | {r['gym_ms_per_call']:.2f} | "
+                     f"{r['gym_ms_per_call'] * r['turns']:.0f} | "
                      f"{r['wall_s'] / first['wall_s']:.2f}x |")
-    lines += ["", "A turn's CPU cost is the sum of the two CPU columns; on a GPU machine, where generation is",
-              "far faster than on these cores, it bounds how many turns per second the Gym side can feed vLLM",
-              "(gym.launch.copies spreads it over more processes)."]
+    if len(results) > 1:
+        last = results[-1]
+        per_turn = (last["gym_ms_per_call"] * last["turns"] - first["gym_ms_per_call"] * first["turns"]) / (last["turns"] - first["turns"])
+        lines += ["", f"Gym's CPU per rollout is a fixed part (the first row: {first['gym_ms_per_call'] * first['turns']:.0f} ms, "
+                  "what a rollout costs Gym besides its turns) plus about "
+                  f"{per_turn:.0f} ms per further turn (first row to last); gymtrl's own share stays at a few ms per call."]
+    lines += ["", "On a GPU machine, where generation is far faster than on these cores, this CPU bounds how many",
+              "rollouts and turns per second the Gym side can feed vLLM; gym.launch.copies spreads it over more processes."]
     bad = [f for r in results for f in r["failures"]]
     if bad:
         lines += ["", "Failures (first 5):", *[f"- {f}" for f in bad[:5]]]
