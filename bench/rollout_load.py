@@ -114,9 +114,10 @@ def snapshot(gym_pids: list[int]) -> dict:
     return {"gymtrl": usage([os.getpid()]), "gym": usage(gym_pids), "tcp_established": established_loopback()}
 
 
-def write_config(tmp: Path, backend_port: int, head_port: int, max_concurrency: int) -> Path:
+def write_config(tmp: Path, backend_port: int, head_port: int, max_concurrency: int,
+                 resources_config: str = "resources_servers/digit_reply/configs/digit_reply.yaml") -> Path:
     """The config `gymtrl train` would launch Gym from (so gymtrl's pool settings for Gym apply)."""
-    path = tmp / "load.yaml"
+    path = tmp / f"load-{head_port}.yaml"
     path.write_text(f"""
 model: {{name_or_path: unused, dtype: float32}}
 data: {{train: [unused.jsonl]}}
@@ -126,7 +127,7 @@ gym:
     enabled: true
     venv: {os.environ['GYMTRL_GYM_VENV']}
     config_paths: [responses_api_models/vllm_model/configs/vllm_model_for_training.yaml,
-                   resources_servers/digit_reply/configs/digit_reply.yaml]
+                   {resources_config}]
 vllm: {{base_url: "http://127.0.0.1:{backend_port}", served_model_name: tiny}}
 rollout: {{max_concurrency: {max_concurrency}}}
 output: {{dir: {tmp}}}

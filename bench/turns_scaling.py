@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rollout_load import REPO, Backend, descendants, free_port, versions  # noqa: E402  (also puts src/ on sys.path)
+from rollout_load import REPO, Backend, descendants, free_port, versions, write_config  # noqa: E402  (also puts src/ on sys.path)
 
 from gymtrl.config.load import load_config  # noqa: E402
 from gymtrl.gym.discovery import discover, wait_ready  # noqa: E402
@@ -39,6 +39,7 @@ from gymtrl.servers.gym import gym_command  # noqa: E402
 from gymtrl.servers.process import ManagedProcess  # noqa: E402
 
 AGENT = "workplace_assistant_simple_agent"
+WORKPLACE_CONFIG = "resources_servers/workplace_assistant/configs/workplace_assistant.yaml"
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -62,24 +63,6 @@ def rows(n: int) -> list[dict]:
     return [base[i % len(base)] for i in range(n)]
 
 
-def write_config(tmp: Path, backend_port: int, head_port: int) -> Path:
-    path = tmp / "turns.yaml"
-    path.write_text(f"""
-model: {{name_or_path: unused, dtype: float32}}
-data: {{train: [unused.jsonl]}}
-gym:
-  head_server_url: http://127.0.0.1:{head_port}
-  launch:
-    enabled: true
-    venv: {os.environ['GYMTRL_GYM_VENV']}
-    config_paths: [responses_api_models/vllm_model/configs/vllm_model_for_training.yaml,
-                   resources_servers/workplace_assistant/configs/workplace_assistant.yaml]
-vllm: {{base_url: "http://127.0.0.1:{backend_port}", served_model_name: tiny}}
-output: {{dir: {tmp}}}
-""")
-    return path
-
-
 def run_batch(topo, batch: list[dict], gym_pids: list[int], timeout_s: float) -> dict:
     ledger = FailureLedger(FailureBound(max_rate=1.0, window=len(batch), min_rollouts=len(batch) + 1))
     engine = RolloutEngine(topo, SamplingParams(1.0, 1.0, 4), ledger, max_concurrency=len(batch),
@@ -98,7 +81,7 @@ def run_batch(topo, batch: list[dict], gym_pids: list[int], timeout_s: float) ->
 def measure(tmp: Path, turns: int, n: int, repeats: int, hold_ms: float, timeout_s: float) -> dict:
     with Backend(tmp, f"backend-t{turns}", hold_ms, "--tool-turns", str(turns)) as backend:
         head_port = free_port()
-        cfg = load_config(write_config(tmp, backend.port, head_port))
+        cfg = load_config(write_config(tmp, backend.port, head_port, n, WORKPLACE_CONFIG))
         gym = ManagedProcess("NeMo Gym servers", gym_command(cfg, tmp / f"gym-logs-t{turns}"), tmp / f"gym-t{turns}.log")
         gym.start()
         try:
