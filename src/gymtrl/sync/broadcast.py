@@ -19,9 +19,8 @@ import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from urllib.parse import urlsplit
 
-from gymtrl.errors import ServerError, WeightSyncError
-from gymtrl.servers.vllm import RECEIVER_CLASS
-from gymtrl.sync.ipc import bucket_size, pack_bucket, plan_buckets
+from gymtrl.errors import WeightSyncError
+from gymtrl.sync.ipc import bucket_size, buffer_for, pack_bucket, plan_push, receiver_rpc
 from gymtrl.sync.strategies import WeightSync, tied_head
 from gymtrl.sync.vllm_control import VLLMControl
 from gymtrl.vllm_plugin.broadcast_receiver import make_group, ready_key, ready_keys
@@ -64,20 +63,10 @@ class BroadcastSync(WeightSync):
         self._calls = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gymtrl-broadcast-rpc")
 
     # --- the group ------------------------------------------------------------------------------
-    def _rpc(self, method: str, kwargs: dict[str, str], what: str) -> list:
-        try:
-            return self.control.collective_rpc(method, kwargs)
-        except ServerError as e:
-            # vLLM answers a worker's exception with a bare HTTP 500: its log has the cause.
-            raise ServerError(
-                f"the vLLM server did not {what}: {e.message}",
-                hint=f"see vLLM's log; a server gymtrl did not launch needs `gymtrl vllm-plugin install --python "
-                f"<vLLM's python>` and `--worker-extension-cls {RECEIVER_CLASS}`") from None
-
     def _join(self, backend: str) -> None:
         import torch.distributed as dist
 
-        infos = self._rpc(INFO_METHOD, {}, "answer gymtrl's weight receiver")
+        infos = receiver_rpc(self.control, INFO_METHOD, {}, "answer gymtrl's weight receiver")
         versions = {i.get("version") if isinstance(i, dict) else None for i in infos}
         if versions != {PAYLOAD_VERSION}:
             raise WeightSyncError(f"vLLM's weight receivers answered {str(infos)[:300]}; this gymtrl speaks version "
@@ -88,7 +77,7 @@ class BroadcastSync(WeightSync):
                               timeout=datetime.timedelta(seconds=self.timeout_s))  # on a free port
         spec = {"version": PAYLOAD_VERSION, "host": host, "port": store.port, "prefix": f"gymtrl-{uuid.uuid4().hex}",
                 "world_size": world, "backend": backend, "timeout_s": self.timeout_s}
-        joining = self._calls.submit(self._rpc, JOIN_METHOD, {"spec": json.dumps(spec)}, "join gymtrl's weight group")
+        joining = self._calls.submit(receiver_rpc, self.control, JOIN_METHOD, {"spec": json.dumps(spec)}, "join gymtrl's weight group")
         group = make_group(store, spec["prefix"], 0, world, backend, self.timeout_s)  # gloo: waits for the workers
         joined = joining.result(timeout=self.timeout_s)
         if sorted(r.get("rank") if isinstance(r, dict) else -1 for r in joined) != list(range(1, world)):
@@ -118,12 +107,8 @@ class BroadcastSync(WeightSync):
             self._join("nccl" if device.type == "cuda" else "gloo")
             phases["join_seconds"] = time.monotonic() - start
         by_name = dict(params)
-        dtype_of = {name: self.vllm_dtype or str(p.dtype).removeprefix("torch.") for name, p in params}
-        plan = plan_buckets([(name, dtype_of[name], list(p.shape), p.numel() * getattr(torch, dtype_of[name]).itemsize)
-                             for name, p in params], self.bucket_bytes)
-        need = max(bucket_size(b) for b in plan)
-        if self.flat is None or self.flat.numel() < need or self.flat.device != device:
-            self.flat = torch.empty(need, dtype=torch.uint8, device=device)
+        plan = plan_push(params, self.vllm_dtype, self.bucket_bytes)
+        self.flat = buffer_for(self.flat, plan, device)
         with torch.no_grad():
             for i, bucket in enumerate(plan):
                 t0 = time.monotonic()
@@ -147,7 +132,7 @@ class BroadcastSync(WeightSync):
         self.seq += 1
         payload = json.dumps({"version": PAYLOAD_VERSION, "seq": self.seq, "size": size, "last": last,
                               "tensors": [[p.name, p.dtype, p.shape, p.offset, p.nbytes] for p in bucket]})
-        call: Future = self._calls.submit(self._rpc, RECEIVE_METHOD, {"payload": payload}, "take the weights")
+        call: Future = self._calls.submit(receiver_rpc, self.control, RECEIVE_METHOD, {"payload": payload}, "take the weights")
         deadline = time.monotonic() + self.timeout_s
         keys = [ready_key(self.seq, rank) for rank in range(1, self.world)]
         while not self.ready.check(keys) and not call.done():

@@ -58,6 +58,39 @@ def bucket_size(bucket: list[Placed]) -> int:
     return last.offset + last.nbytes
 
 
+def plan_push(params: list[tuple[str, object]], vllm_dtype: str | None, bucket_bytes: int) -> list[list[Placed]]:
+    """The buckets a push sends `params` (name, tensor) in: each in vLLM's dtype when known, else its own."""
+    import torch
+
+    placed = []
+    for name, p in params:
+        dtype = vllm_dtype or str(p.dtype).removeprefix("torch.")
+        placed.append((name, dtype, list(p.shape), p.numel() * getattr(torch, dtype).itemsize))
+    return plan_buckets(placed, bucket_bytes)
+
+
+def buffer_for(flat, plan: list[list[Placed]], device):
+    """`flat` if it holds the plan's largest bucket on `device`, else a new flat uint8 buffer that does."""
+    import torch
+
+    need = max(bucket_size(b) for b in plan)
+    if flat is None or flat.numel() < need or flat.device != device:
+        flat = torch.empty(need, dtype=torch.uint8, device=device)
+    return flat
+
+
+def receiver_rpc(control: VLLMControl, method: str, kwargs: dict[str, str], what: str) -> list:
+    """`/collective_rpc` to gymtrl's worker extension; a failure names where its cause is."""
+    try:
+        return control.collective_rpc(method, kwargs)
+    except ServerError as e:
+        # vLLM answers a worker's exception with a bare HTTP 500: its log has the cause.
+        raise ServerError(
+            f"the vLLM server did not {what}: {e.message}",
+            hint=f"see vLLM's log; a server gymtrl did not launch needs `gymtrl vllm-plugin install --python "
+            f"<vLLM's python>` and `--worker-extension-cls {RECEIVER_CLASS}`") from None
+
+
 def pack_bucket(flat, bucket: list[Placed], tensors: dict) -> None:
     """Copy each tensor of `bucket` into its place in `flat` (1-D uint8), cast to its travel dtype:
     one multi-tensor copy (one copy kernel per tensor cost 4-8 ms for 290 tensors on an H200)."""
@@ -108,12 +141,8 @@ class IpcSync(WeightSync):
             raise WeightSyncError("sync.strategy=ipc needs the model on a CUDA GPU",
                                   hint="use sync.strategy=reload on CPU")
         by_name = dict(params)
-        dtype_of = {name: self.vllm_dtype or str(p.dtype).removeprefix("torch.") for name, p in params}
-        plan = plan_buckets([(name, dtype_of[name], list(p.shape), p.numel() * getattr(torch, dtype_of[name]).itemsize)
-                             for name, p in params], self.bucket_bytes)
-        need = max(bucket_size(b) for b in plan)
-        if self.flat is None or self.flat.numel() < need or self.flat.device != params[0][1].device:
-            self.flat = torch.empty(need, dtype=torch.uint8, device=params[0][1].device)
+        plan = plan_push(params, self.vllm_dtype, self.bucket_bytes)
+        self.flat = buffer_for(self.flat, plan, params[0][1].device)
         with torch.no_grad():
             for bucket in plan:
                 t0 = time.monotonic()
@@ -133,14 +162,8 @@ class IpcSync(WeightSync):
         return time.monotonic() - start
 
     def _send(self, bucket: list[Placed]) -> list[dict]:
-        try:
-            results = self.control.collective_rpc(RECEIVER_METHOD, {"payload": share_payload(self.flat, bucket)})
-        except ServerError as e:
-            # vLLM answers a worker's exception with a bare HTTP 500: its log has the cause.
-            raise ServerError(
-                f"the vLLM server did not take the weights over CUDA IPC: {e.message}",
-                hint=f"see vLLM's log; a server gymtrl did not launch needs `gymtrl vllm-plugin install --python "
-                f"<vLLM's python>` and `--worker-extension-cls {RECEIVER_CLASS}`, on the trainer's GPU") from None
+        results = receiver_rpc(self.control, RECEIVER_METHOD, {"payload": share_payload(self.flat, bucket)},
+                               "take the weights over CUDA IPC (it must run on the trainer's GPU)")
         counts = {r.get("tensors") if isinstance(r, dict) else None for r in results}
         if counts != {len(bucket)}:  # every worker (one per tensor-parallel rank) loads the whole bucket
             raise WeightSyncError(f"vLLM's workers answered {str(results)[:300]} for a bucket of {len(bucket)} tensors")

@@ -22,7 +22,7 @@ import datetime
 import json
 import time
 
-from .weight_receiver import PAYLOAD_VERSION, tensor_views  # relative: the same in gymtrl and in the plugin wheel
+from .weight_receiver import PAYLOAD_VERSION, check_payload, tensor_views  # relative: the same in gymtrl and in the plugin wheel
 
 BACKENDS = ("nccl", "gloo")
 
@@ -53,12 +53,6 @@ def ready_keys(store, prefix: str):
 
 def ready_key(seq: int, rank: int) -> str:
     return f"{seq}/{rank}"
-
-
-def check_payload(data: dict) -> None:
-    if data.get("version") != PAYLOAD_VERSION:
-        raise ValueError(f"gymtrl weight payload version {data.get('version')} is not {PAYLOAD_VERSION}: "
-                         "install the plugin of the trainer's gymtrl into vLLM's environment")
 
 
 class BroadcastWeightReceiver:

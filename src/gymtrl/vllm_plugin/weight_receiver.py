@@ -1,7 +1,7 @@
 """vLLM worker extension: take new weights from a trainer on the same GPU through CUDA IPC.
 
 Part of `vllm serve ... --worker-extension-cls gymtrl_vllm_plugin.receivers.WeightReceiver`
-(gymtrl adds it when sync.strategy is ipc). The trainer packs its parameters into one flat GPU
+(gymtrl adds it when sync.strategy is ipc or broadcast). The trainer packs its parameters into one flat GPU
 buffer (a bucket at a time), shares the buffer's CUDA IPC handle, and calls the method below
 through vLLM's `/collective_rpc`; each worker opens the buffer, loads the tensors with the model's
 own `load_weights` (which fuses q/k/v, gate/up and shards for tensor parallelism), and waits for
@@ -44,6 +44,13 @@ def tensor_views(flat, entries: list[list]) -> list[tuple[str, object]]:
     return views
 
 
+def check_payload(data: dict) -> None:
+    """Refuse a payload from a trainer whose gymtrl speaks another version of it."""
+    if data.get("version") != PAYLOAD_VERSION:
+        raise ValueError(f"gymtrl weight payload version {data.get('version')} is not {PAYLOAD_VERSION}: "
+                         "install the plugin of the trainer's gymtrl into vLLM's environment")
+
+
 def _b64(data: str | None) -> bytes | None:
     return None if data is None else base64.b64decode(data)
 
@@ -68,9 +75,7 @@ class IpcWeightReceiver:
 
         t0 = time.perf_counter()
         data = json.loads(payload)
-        if data.get("version") != PAYLOAD_VERSION:
-            raise ValueError(f"gymtrl weight payload version {data.get('version')} is not {PAYLOAD_VERSION}: "
-                             "install the plugin of the trainer's gymtrl into vLLM's environment")
+        check_payload(data)
         device_index = torch.cuda.current_device()
         here = str(torch.cuda.get_device_properties(device_index).uuid)
         if data["gpu_uuid"] != here:
