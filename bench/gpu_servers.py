@@ -38,7 +38,7 @@ def main(argv=None) -> int:
 
     from gymtrl.config.load import load_config
     from gymtrl.servers.stack import ServerStack
-    from gymtrl.servers.vllm import served_model_name
+    from gymtrl.servers.vllm import RECEIVER_STRATEGIES, served_model_name
 
     cfg = load_config(args.config, args.overrides)
     log_dir = Path(args.log_dir or Path(cfg.output.dir) / "logs")
@@ -48,7 +48,9 @@ def main(argv=None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     t0 = time.monotonic()
-    with ServerStack(cfg, log_dir, strategy="nccl" if args.nccl else "reload") as stack:
+    # gymtrl's own syncs (ipc, broadcast) need vLLM started with gymtrl's worker extension
+    strategy = cfg.sync.strategy if cfg.sync.strategy in RECEIVER_STRATEGIES else ("nccl" if args.nccl else "reload")
+    with ServerStack(cfg, log_dir, strategy=strategy) as stack:
         info = {
             "vllm_url": cfg.vllm.base_url, "head_url": cfg.gym.head_server_url, "model": cfg.model.name_or_path,
             "served_model_name": served_model_name(cfg), "log_dir": str(log_dir),

@@ -396,6 +396,19 @@ def flush(a, lines, dump):
         Path(a.json_out).write_text(json.dumps(slim, indent=1))
 
 
+def cmd_table(a) -> int:
+    """A pair's table from two `run` JSONs measured in separate calls (a side that failed or timed
+    out in its own call, rerun on the same warm machine): the origin of each is printed with it."""
+    g, t = json.loads(Path(a.gymtrl).read_text()), json.loads(Path(a.trl).read_text())
+    if (g["batch"], g["tokens"], g["concurrency"]) != (t["batch"], t["tokens"], t["concurrency"]):
+        raise SystemExit(f"not the same point: gymtrl {g['batch']}x{g['tokens']}@{g['concurrency']}, "
+                         f"TRL {t['batch']}x{t['tokens']}@{t['concurrency']}")
+    lines = table_pair(g, t, g["batch"], g["tokens"], g["concurrency"])
+    lines += ["", f"- gymtrl: {a.gymtrl} ({a.gymtrl_note})", f"- TRL: {a.trl} ({a.trl_note})"]
+    print("\n".join(lines))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -416,6 +429,11 @@ def main(argv=None) -> int:
     c.add_argument("--plain-servers", nargs="*", default=[], help="VPORT, one fresh vLLM per TRL run")
     c.add_argument("--gymtrl-gpu", default=None, help="CUDA_VISIBLE_DEVICES of the gymtrl trainer")
     c.add_argument("--trl-gpu", default=None, help="CUDA_VISIBLE_DEVICES of the TRL trainer")
+    tb = sub.add_parser("table", help="one pair's table from a gymtrl and a TRL `run` JSON of separate calls")
+    tb.add_argument("--gymtrl", required=True)
+    tb.add_argument("--trl", required=True)
+    tb.add_argument("--gymtrl-note", default="", help="where and when the gymtrl run was measured")
+    tb.add_argument("--trl-note", default="", help="where and when the TRL run was measured")
     for p in (r, c):
         p.add_argument("--config", default=str(CONFIG))
         p.add_argument("--gens", type=int, default=8)
@@ -428,7 +446,7 @@ def main(argv=None) -> int:
     r.add_argument("--tokens", type=int, default=128)
     r.add_argument("--concurrency", type=int, default=256)
     a = ap.parse_args(argv)
-    return cmd_run(a) if a.cmd == "run" else cmd_compare(a)
+    return {"run": cmd_run, "compare": cmd_compare, "table": cmd_table}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,9 @@
 #   one-gpu-apiN[-copiesC]  one GPU: the gen05 measurement on GPU 0 with vLLM --api-server-count N and
 #            gym.launch.copies C (servers started, measured, stopped; one variant after another) -> $OUT/generation.md
 #   stop     stops every server this script started
+# STEP_OVERRIDES="key=value ..." (pairs, pairs-api2): gymtrl-side settings for its servers and trainer, e.g.
+#            sync.strategy=broadcast (bench-gpu.yaml names TRL's nccl, so both sides sync alike by default);
+#            RUN_TIMEOUT_256=S: the 256 x 128 runs' limit (default 100 s).
 # $OUT always gets device.log (this script's notes and every stage's output), the stage files above
 # and logs.tgz (server logs, each trainer run's log, the collector's logs), at most 8 files.
 set -uo pipefail
@@ -171,14 +174,14 @@ trap finish EXIT
 step_pair() {  # GYMTRL_TAG TRL_TAG VPORT POINT STEPS RUN_TIMEOUT OUTNAME VLLM_ARGS [gym key=value ...]
   # gymtrl's servers at VPORT (vLLM, GPU 1) and VPORT+3000 (Gym head); TRL's vLLM at VPORT+1 on GPU 0.
   local a=$1 b=$2 vp=$3 point=$4 steps=$5 rt=$6 name=$7 x=$8; shift 8
-  start_servers "$a" /tmp/model-0.5b 1 "$vp" $((vp + 3000)) "$x" "$@"
+  start_servers "$a" /tmp/model-0.5b 1 "$vp" $((vp + 3000)) "$x" "$@" ${STEP_OVERRIDES:-}
   start_servers "$b" /tmp/model-0.5b 0 $((vp + 1)) $((vp + 3000)) "$x" gym.launch.enabled=false
   wait_servers "$a" $(( $(left) - 100 )) && wait_servers "$b" $(( $(left) - 100 )) || return 1
   need 90 "$name" || return 1
   run_stage "$name" $(( $(left) - 20 < 200 ? $(left) - 20 : 200 )) python3 bench/gpu_step_vs_trl.py compare --points "$point" \
     --gym-servers "$vp:$((vp + 3000))" --plain-servers $((vp + 1)) --gymtrl-gpu 0 --trl-gpu 1 --steps "$steps" --warmup 2 \
     --run-timeout "$rt" --group-port $((51216 + vp - 8000)) --work /tmp/bench-step --out "$OUT/$name.md" \
-    --json-out "$OUT/$name.json" model.name_or_path=/tmp/model-0.5b
+    --json-out "$OUT/$name.json" model.name_or_path=/tmp/model-0.5b ${STEP_OVERRIDES:-}
 }
 need() { [ "$(left)" -gt "$1" ] || { note "skipping $2: $(left) s left, it needs about $1"; return 1; }; }
 run_stage() {  # NAME TIMEOUT cmd...
@@ -234,7 +237,7 @@ for st in ${stages//,/ }; do
       fi
       stop_servers "${t[0]}"; stop_servers "${t[1]}"
       need 200 "pair256$sfx" || continue
-      step_pair "${t[2]}" "${t[3]}" $((p + 2)) 256x128 6 100 "scaling$sfx" "$X" "${G[@]}"
+      step_pair "${t[2]}" "${t[3]}" $((p + 2)) 256x128 6 "${RUN_TIMEOUT_256:-100}" "scaling$sfx" "$X" "${G[@]}"
       stop_servers "${t[2]}"; stop_servers "${t[3]}" ;;
     one-gpu-api*)  # one GPU (kind nvidia-h100-x1): vLLM at 0.5 of GPU 0 with N API-server processes, NeMo Gym with
                    # C copies of every server (one-gpu-apiN or one-gpu-apiN-copiesC), generation measured, stopped
