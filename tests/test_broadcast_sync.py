@@ -8,11 +8,14 @@ import time
 import pytest
 import torch
 
-from gymtrl.errors import ConfigError, WeightSyncError
+from gymtrl.errors import ConfigError, ServerError, WeightSyncError
+from gymtrl.servers.vllm import RECEIVER_CLASS
 from gymtrl.sync.broadcast import BroadcastSync, address_towards
+from gymtrl.sync.ipc import check_receivers
 from gymtrl.sync.verify import SyncVerifier, probe_token_ids
 from gymtrl.sync.vllm_control import VLLMControl
 from gymtrl.train import check_strategy
+from gymtrl.vllm_plugin.weight_receiver import PAYLOAD_VERSION
 
 
 def test_broadcast_is_refused_where_nccl_cannot_connect_the_two_sides():
@@ -48,6 +51,19 @@ def perturbed(model, seed: int):
         for p in changed.parameters():  # every tensor, the tied embedding/head included
             p.add_(torch.randn_like(p) * 0.05)
     return changed
+
+
+@pytest.mark.servers
+def test_a_vllm_without_the_receiver_is_found_before_the_first_push(control, monkeypatch):
+    import gymtrl.sync.ipc as ipc
+
+    infos = check_receivers(control)  # the session's vLLM runs the receiver: one answer per worker
+    assert infos and all(i["version"] == PAYLOAD_VERSION for i in infos)
+    # Fault injection: ask for a method no worker has, as a vLLM started without the extension answers.
+    monkeypatch.setattr(ipc, "INFO_METHOD", "gymtrl_receiver_info_missing")
+    with pytest.raises(ServerError, match="did not answer gymtrl's weight receiver") as e:
+        check_receivers(control)
+    assert f"--worker-extension-cls {RECEIVER_CLASS}" in e.value.hint
 
 
 @pytest.mark.servers

@@ -84,7 +84,7 @@ def test_shipped_quickstart_config_is_valid(monkeypatch):
     assert cfg.data.train[1].path == "/site/resources_servers/workplace_assistant/data/example.jsonl"
 
 
-@pytest.mark.parametrize("name, strategy, vllm_gpu", [("gpu-1x", "ipc", "0"), ("gpu-2x", "nccl", "1"),
+@pytest.mark.parametrize("name, strategy, vllm_gpu", [("gpu-1x", "ipc", "0"), ("gpu-2x", "broadcast", "1"),
                                                       ("bench-gpu", "nccl", "1")])
 def test_shipped_gpu_configs_are_valid(monkeypatch, name, strategy, vllm_gpu):
     monkeypatch.setenv("GYMTRL_GYM_VENV", "/gym")

@@ -86,7 +86,7 @@ def test_auto_picks_ipc_only_when_the_launched_vllm_gets_the_trainers_only_gpu()
     assert not vllm_shares_trainer_gpu(True, {}, env, device_count=2)  # the trainer's GPU is not known
     assert not vllm_shares_trainer_gpu(False, {}, env, device_count=1)  # a server gymtrl did not start
     assert choose_strategy("auto", True, shares_gpu=True) == "ipc"
-    assert choose_strategy("auto", True, shares_gpu=False) == "nccl"
+    assert choose_strategy("auto", True, shares_gpu=False) == "broadcast"
     assert choose_strategy("auto", False, shares_gpu=True) == "reload"
     assert choose_strategy("reload", True, shares_gpu=True) == "reload"
 

@@ -90,7 +90,8 @@ def serve(cfg: Config, host: str, ready_file: Path | None) -> None:
         signal.signal(sig, lambda *_: stop.set())
     log_dir = Path(cfg.output.dir) / "logs"
     t0 = time.monotonic()
-    # The trainers run elsewhere: never on this node's GPUs, so auto means NCCL where there is CUDA.
+    # The trainers run elsewhere: never on this node's GPUs, so auto means broadcast where there is CUDA
+    # (the trainers' auto gives the same answer: vLLM then has the worker extension they need).
     strategy = choose_strategy(cfg.sync.strategy, _cuda_available())
     with ServerStack(cfg, log_dir, strategy=strategy) as stack:
         record = servers_record(cfg)

@@ -91,8 +91,8 @@ def train(cfg: Config, resume: str | None = None, stop_file: str | None = None) 
     from gymtrl.rollout.failures import FailureBound, FailureLedger
     from gymtrl.rollout.rollout_func import GymRolloutFunc, make_env_reward
     from gymtrl.servers.stack import ServerStack
-    from gymtrl.servers.vllm import served_model_name
-    from gymtrl.sync.ipc import IpcSync
+    from gymtrl.servers.vllm import RECEIVER_STRATEGIES, served_model_name
+    from gymtrl.sync.ipc import IpcSync, check_receivers
     from gymtrl.sync.broadcast import BroadcastSync
     from gymtrl.sync.strategies import (NcclSync, ReloadSync, WeightSync, bound_nccl_join, choose_strategy,
                                         vllm_shares_trainer_gpu)
@@ -157,6 +157,8 @@ def train(cfg: Config, resume: str | None = None, stop_file: str | None = None) 
             bound_nccl_join(cfg.vllm.request_timeout_s, lambda: _nccl_join_timed_out(cfg, servers))
         else:
             sync = WeightSync()
+        if strategy in RECEIVER_STRATEGIES:
+            check_receivers(control)  # a vLLM started without gymtrl's worker extension: stop now, not at step 2
         verifier = None
         if cfg.sync.verify:
             tol = cfg.sync.verify_tolerance

@@ -134,10 +134,10 @@ class SupervisionConfig:
 
 @dataclass
 class SyncConfig:
-    # How new weights reach vLLM after each optimizer step: nccl (vLLM on its own GPU; TRL's sync) |
-    # ipc (vLLM on the trainer's GPU; CUDA IPC, one training process) | reload (through the disk; CPU) |
-    # none (never syncs: debugging only) | auto (reload on CPU; ipc when a launched vLLM gets the
-    # trainer's only GPU; else nccl).
+    # How new weights reach vLLM after each optimizer step: broadcast (vLLM on its own GPUs; gymtrl's
+    # packed NCCL buckets) | nccl (vLLM on its own GPUs; TRL's sync) | ipc (vLLM on the trainer's GPU;
+    # CUDA IPC, one training process) | reload (through the disk; CPU) | none (never syncs: debugging
+    # only) | auto (reload on CPU; ipc when a launched vLLM gets the trainer's only GPU; else broadcast).
     strategy: str = "auto"
     # Check after every sync that the server's logprobs equal the trainer's; fail the run if not.
     verify: bool = True

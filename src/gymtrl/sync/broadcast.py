@@ -20,13 +20,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from urllib.parse import urlsplit
 
 from gymtrl.errors import WeightSyncError
-from gymtrl.sync.ipc import bucket_size, buffer_for, pack_bucket, plan_push, receiver_rpc
+from gymtrl.sync.ipc import bucket_size, buffer_for, check_receivers, pack_bucket, plan_push, receiver_rpc
 from gymtrl.sync.strategies import WeightSync, tied_head
 from gymtrl.sync.vllm_control import VLLMControl
 from gymtrl.vllm_plugin.broadcast_receiver import make_group, ready_key, ready_keys
 from gymtrl.vllm_plugin.weight_receiver import DTYPES, PAYLOAD_VERSION
 
-INFO_METHOD = "gymtrl_receiver_info"
 JOIN_METHOD = "gymtrl_join_weight_group"
 RECEIVE_METHOD = "gymtrl_receive_bucket"
 
@@ -66,12 +65,7 @@ class BroadcastSync(WeightSync):
     def _join(self, backend: str) -> None:
         import torch.distributed as dist
 
-        infos = receiver_rpc(self.control, INFO_METHOD, {}, "answer gymtrl's weight receiver")
-        versions = {i.get("version") if isinstance(i, dict) else None for i in infos}
-        if versions != {PAYLOAD_VERSION}:
-            raise WeightSyncError(f"vLLM's weight receivers answered {str(infos)[:300]}; this gymtrl speaks version "
-                                  f"{PAYLOAD_VERSION}", hint="install this gymtrl's plugin into vLLM's environment")
-        world = 1 + len(infos)
+        world = 1 + len(check_receivers(self.control))
         host = address_towards(self.control.base_url)
         store = dist.TCPStore(host, 0, world, is_master=True, wait_for_workers=False,
                               timeout=datetime.timedelta(seconds=self.timeout_s))  # on a free port

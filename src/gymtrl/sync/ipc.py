@@ -21,6 +21,7 @@ from gymtrl.sync.vllm_control import VLLMControl
 from gymtrl.vllm_plugin.weight_receiver import ALIGN_BYTES, DTYPES, PAYLOAD_VERSION
 
 RECEIVER_METHOD = "gymtrl_load_packed"
+INFO_METHOD = "gymtrl_receiver_info"  # the receiver's version (vllm_plugin.broadcast_receiver)
 
 
 @dataclass
@@ -89,6 +90,18 @@ def receiver_rpc(control: VLLMControl, method: str, kwargs: dict[str, str], what
             f"the vLLM server did not {what}: {e.message}",
             hint=f"see vLLM's log; a server gymtrl did not launch needs `gymtrl vllm-plugin install --python "
             f"<vLLM's python>` and `--worker-extension-cls {RECEIVER_CLASS}`") from None
+
+
+def check_receivers(control: VLLMControl) -> list[dict]:
+    """Every vLLM worker runs this gymtrl's weight receiver (asked before the model loads, so a
+    server started without it fails the run in seconds, not at the first push)."""
+    infos = receiver_rpc(control, INFO_METHOD, {}, "answer gymtrl's weight receiver")
+    versions = {i.get("version") if isinstance(i, dict) else None for i in infos}
+    if versions != {PAYLOAD_VERSION}:
+        raise WeightSyncError(f"vLLM's weight receivers answered {str(infos)[:300]}; this gymtrl speaks version "
+                              f"{PAYLOAD_VERSION}", hint="install this gymtrl's plugin into vLLM's environment: "
+                              "`gymtrl vllm-plugin install --python <vLLM's python>`")
+    return infos
 
 
 def pack_bucket(flat, bucket: list[Placed], tensors: dict) -> None:
