@@ -31,18 +31,23 @@ def mean(xs):
     return sum(xs) / len(xs)
 
 
-def test_two_processes_with_zero3_train_the_quickstart_with_every_sync_verified(tiny_model, tmp_path):
-    out = tmp_path / "run"
+def launch_two_zero3_processes(tiny_model, out, *overrides: str) -> subprocess.CompletedProcess:
+    """`accelerate launch` of `gymtrl train` on the quickstart config: 2 processes, ZeRO-3, on CPU;
+    the main process launches its own vLLM and NeMo Gym servers."""
     env = {**os.environ, "GYMTRL_TINY_MODEL": str(tiny_model), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
-    proc = subprocess.run(
+    return subprocess.run(
         [accelerate, "launch", "--config_file", "configs/accelerate/zero3.yaml", "--num_processes", "2",
          "-m", "gymtrl.cli", "train", "--config", "configs/quickstart.yaml",
-         # x 2 processes: 32 rollouts (4 prompts x 8) a step. At the quickstart's 16 the rise is a lottery.
-         "grpo.per_device_train_batch_size=16",
          f"vllm.base_url=http://127.0.0.1:{free_port()}", f"gym.head_server_url=http://127.0.0.1:{free_port()}",
-         f"output.dir={out}"],
+         f"output.dir={out}", *overrides],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+
+
+def test_two_processes_with_zero3_train_the_quickstart_with_every_sync_verified(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    # x 2 processes: 32 rollouts (4 prompts x 8) a step. At the quickstart's 16 the rise is a lottery.
+    proc = launch_two_zero3_processes(tiny_model, out, "grpo.per_device_train_batch_size=16")
     assert proc.returncode == 0, proc.stderr[-4000:]
     steps = [m for m in read_metrics(out / "metrics.jsonl") if "reward" in m]
     assert len(steps) == 40
@@ -59,4 +64,24 @@ def test_two_processes_with_zero3_train_the_quickstart_with_every_sync_verified(
     assert (out / "final" / "model.safetensors").exists()
     saved = [p for p in (out / "checkpoints").glob("checkpoint-*") if (p / "gymtrl-complete.json").exists()]
     assert {p.name for p in saved} == {"checkpoint-20", "checkpoint-40"}  # collective ZeRO-3 saves, marked
+    assert "Traceback" not in proc.stderr
+
+
+def test_two_zero3_processes_push_with_the_broadcast_sync_and_every_push_is_served(tiny_model, tmp_path):
+    """The sync `auto` picks when vLLM has GPUs of its own, under several training processes: all
+    gather the ZeRO-3 shards, the main process broadcasts them to vLLM's workers (gloo here, NCCL
+    between GPUs) over a group formed once, and vLLM serves exactly the trained weights."""
+    out = tmp_path / "run"
+    proc = launch_two_zero3_processes(tiny_model, out, "sync.strategy=broadcast", "grpo.max_steps=4",
+                                      "grpo.learning_rate=1.0e-3", "grpo.save_strategy=no")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    steps = [m for m in read_metrics(out / "metrics.jsonl") if "reward" in m]
+    assert len(steps) == 4
+    # Each step after the first pushes (step 1 serves the weights vLLM loaded), and after each push
+    # vLLM's logprobs on the probe equal the trainer's (a server left on older weights sits nearer
+    # those, which the check also catches).
+    assert all(m["sync/seconds"] > 0 for m in steps[1:])
+    assert all(m["sync/join_seconds"] == 0 for m in steps[2:])  # the group is formed once
+    assert all(m["sync/verify_max_logprob_diff"] < 1e-3 for m in steps)
+    assert all(m["failures/total"] == 0 and m["grad_norm"] > 0 for m in steps)
     assert "Traceback" not in proc.stderr

@@ -82,4 +82,4 @@ def test_shipped_slurm_config_is_valid(monkeypatch):
     for name, value in (("GYMTRL_GYM_SITE", "/site"), ("GYMTRL_GYM_VENV", "/gym"), ("GYMTRL_VLLM_VENV", "/vllm")):
         monkeypatch.setenv(name, value)
     cfg = load_config(REPO / "configs/slurm.yaml")
-    assert cfg.sync.strategy == "nccl" and cfg.vllm.launch.enabled and cfg.gym.launch.enabled
+    assert cfg.sync.strategy == "broadcast" and cfg.vllm.launch.enabled and cfg.gym.launch.enabled

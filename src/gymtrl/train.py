@@ -233,7 +233,7 @@ def check_strategy(strategy: str, cuda: bool, shares_gpu: bool, world: int) -> N
         raise ConfigError("sync.strategy=ipc needs a CUDA GPU", hint="use sync.strategy=reload (or auto) on CPU")
     if strategy == "ipc" and world > 1:
         raise ConfigError(f"sync.strategy=ipc takes one training process, this run has {world}",
-                          hint="give vLLM its own GPU and use sync.strategy=nccl (or auto)")
+                          hint="give vLLM its own GPU and use sync.strategy=broadcast (or auto)")
     if strategy in ("nccl", "broadcast") and shares_gpu:
         raise ConfigError(f"sync.strategy={strategy}, but the vLLM gymtrl launches gets the trainer's GPU: NCCL cannot "
                           "connect two processes on one GPU",
