@@ -171,17 +171,18 @@ finish() {
 }
 trap finish EXIT
 
+read -ra STEP_SO <<< "${STEP_OVERRIDES:-}"  # gymtrl-side key=value settings, as an array
 step_pair() {  # GYMTRL_TAG TRL_TAG VPORT POINT STEPS RUN_TIMEOUT OUTNAME VLLM_ARGS [gym key=value ...]
   # gymtrl's servers at VPORT (vLLM, GPU 1) and VPORT+3000 (Gym head); TRL's vLLM at VPORT+1 on GPU 0.
   local a=$1 b=$2 vp=$3 point=$4 steps=$5 rt=$6 name=$7 x=$8; shift 8
-  start_servers "$a" /tmp/model-0.5b 1 "$vp" $((vp + 3000)) "$x" "$@" ${STEP_OVERRIDES:-}
+  start_servers "$a" /tmp/model-0.5b 1 "$vp" $((vp + 3000)) "$x" "$@" "${STEP_SO[@]}"
   start_servers "$b" /tmp/model-0.5b 0 $((vp + 1)) $((vp + 3000)) "$x" gym.launch.enabled=false
   wait_servers "$a" $(( $(left) - 100 )) && wait_servers "$b" $(( $(left) - 100 )) || return 1
   need 90 "$name" || return 1
   run_stage "$name" $(( $(left) - 20 < 200 ? $(left) - 20 : 200 )) python3 bench/gpu_step_vs_trl.py compare --points "$point" \
     --gym-servers "$vp:$((vp + 3000))" --plain-servers $((vp + 1)) --gymtrl-gpu 0 --trl-gpu 1 --steps "$steps" --warmup 2 \
     --run-timeout "$rt" --group-port $((51216 + vp - 8000)) --work /tmp/bench-step --out "$OUT/$name.md" \
-    --json-out "$OUT/$name.json" model.name_or_path=/tmp/model-0.5b ${STEP_OVERRIDES:-}
+    --json-out "$OUT/$name.json" model.name_or_path=/tmp/model-0.5b "${STEP_SO[@]}"
 }
 need() { [ "$(left)" -gt "$1" ] || { note "skipping $2: $(left) s left, it needs about $1"; return 1; }; }
 run_stage() {  # NAME TIMEOUT cmd...
