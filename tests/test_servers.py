@@ -146,3 +146,27 @@ def test_servers_gymtrl_starts_listen_on_loopback_only(servers):
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
         with pytest.raises(OSError):
             socket.create_connection((outward, port), timeout=5).close()
+
+
+def test_the_trainer_drops_idle_connections_to_vllm_before_vllm_closes_them(servers):
+    """vLLM (uvicorn) closes a connection idle for 5 s; a request sent on one at that moment gets
+    "Connection reset by peer" (it failed a weight push once, in CI). gymtrl's client reuses a
+    connection while it is fresh and opens a new one once it has idled for IDLE_EXPIRY_S."""
+    import time
+
+    from gymtrl.servers.keepalive import IDLE_EXPIRY_S
+
+    control = VLLMControl(servers.vllm_url, 30)
+    ports = []
+    control._http.event_hooks["response"].append(
+        lambda r: ports.append(r.extensions["network_stream"].get_extra_info("client_addr")[1]))
+    try:
+        control.served_models()
+        control.served_models()
+        assert ports[0] == ports[1]  # back to back: the same connection
+        time.sleep(IDLE_EXPIRY_S + 0.5)  # still well inside vLLM's 5 s
+        control.served_models()
+        assert ports[2] != ports[1]  # idled past gymtrl's expiry: a fresh connection
+    finally:
+        control.close()
+    assert IDLE_EXPIRY_S <= 2.5

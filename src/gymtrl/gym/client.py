@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 
 from gymtrl.rollout.failures import FailureKind
+from gymtrl.servers.keepalive import IDLE_EXPIRY_S
 from gymtrl.vllm_plugin.splice import REFUSAL_MARKER
 
 
@@ -73,7 +74,7 @@ class AgentClient:
         n = POOL_SHARD_CONNECTIONS
         shard = _PoolShard(httpx.AsyncClient(
             timeout=self._timeout, verify=self._ssl, cookies=_no_cookies(), trust_env=False,
-            limits=httpx.Limits(max_connections=n, max_keepalive_connections=n),
+            limits=httpx.Limits(max_connections=n, max_keepalive_connections=n, keepalive_expiry=IDLE_EXPIRY_S),
         ))
         self._shards.append(shard)
         return shard

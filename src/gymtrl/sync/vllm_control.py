@@ -7,6 +7,7 @@ import os
 import httpx
 
 from gymtrl.errors import ServerError, WeightSyncError
+from gymtrl.servers.keepalive import IDLE_EXPIRY_S
 
 
 class VLLMControl:
@@ -14,7 +15,8 @@ class VLLMControl:
         self.base_url = base_url.rstrip("/")
         key = os.environ.get(api_key_env) if api_key_env else None
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self._http = httpx.Client(base_url=self.base_url, timeout=timeout_s, headers=headers, trust_env=False)
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout_s, headers=headers, trust_env=False,
+                                  limits=httpx.Limits(keepalive_expiry=IDLE_EXPIRY_S))
 
     def close(self) -> None:
         self._http.close()

@@ -1,0 +1,10 @@
+"""How long gymtrl's HTTP clients keep an idle connection to vLLM or NeMo Gym for reuse.
+
+Both serve through uvicorn, which closes a connection idle for 5 s (vLLM's
+VLLM_HTTP_TIMEOUT_KEEP_ALIVE, uvicorn's default). httpx's own default expiry is also 5 s, so a
+request sent on a connection idle for about 5 s can meet the server closing it: "Connection reset
+by peer" (seen on a weight push that followed a 5 s pause). Dropping idle connections well before
+the server does closes that window.
+"""
+
+IDLE_EXPIRY_S = 2.0
