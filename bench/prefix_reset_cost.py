@@ -14,6 +14,7 @@ Prints a Markdown table and writes it to bench/results/prefix_reset_cost.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import re
@@ -70,7 +71,7 @@ def measure(kv_mib: int, model_dir: str, vllm_venv: str, repeats: int, work: Pat
         vllm.wait_healthy(lambda: http_ok(f"{cfg.vllm.base_url}/health"), 600, "vLLM /health")
         control = VLLMControl(cfg.vllm.base_url, 120)
         seconds = []
-        with httpx.Client(timeout=120, trust_env=False) as client:
+        with httpx.Client(timeout=120, trust_env=False) as client, contextlib.closing(control):
             info = cache_info(client, cfg.vllm.base_url)
             for _ in range(repeats):
                 # Some cached prefix to drop, as after a step's rollouts; then the reset alone is timed.
@@ -79,7 +80,6 @@ def measure(kv_mib: int, model_dir: str, vllm_venv: str, repeats: int, work: Pat
                 t0 = time.perf_counter()
                 control.reset_prefix_cache()
                 seconds.append(time.perf_counter() - t0)
-        control.close()
     finally:
         vllm.stop()
     return {"kv_mib": kv_mib, **info, "median_ms": statistics.median(seconds) * 1e3,
