@@ -7,6 +7,8 @@
 #   run carry=[.gpu-bundle/p2, .bench-data] timeout_s=600  command: bash scripts/device_bench.sh run 560 gen05,gen15,collect
 #   (or, after its own prep on a fresh machine)       command: bash scripts/device_bench.sh run 490 pairs,stop
 # bench-data (here, once, after `source scripts/env.sh`): builds .bench-data from the CPU NeMo Gym venv.
+# gpu-extra (here, once, after `source scripts/env.sh`): builds .gpu-extra, the wheels of gymtrl's needs that
+#       neither the image nor the bundle has (omegaconf and antlr4-python3-runtime).
 # prep: stashes the bundle parts, unpacks gymtrl's extra wheels (.gpu-extra) to /tmp/extra, copies
 #       .bench-data (NeMo Gym's legacy_agent relay and devtools for ng_collect_rollouts, which the
 #       bundle's pruned Gym lacks) to /tmp/bench-data, builds random-weight models of Qwen2.5-0.5B's and
@@ -16,7 +18,10 @@
 #       launches them), then runs the stages in order while BUDGET seconds last:
 #   gen05    bench/gpu_generation.py --parts gen, 256 x 256, 0.5B on GPU 1 (:8000/:11000) -> $OUT/generation.md
 #   gen15    the same on a 1.5B server on GPU 0 (:8001/:11001), then stops it        -> $OUT/generation.md
-#   collect  bench/collector_relay.py + bench/gpu_generation.py --parts collect (gymtrl vs ng_collect_rollouts)
+#   collect  bench/collector_relay.py + bench/gpu_generation.py --parts collect (gymtrl vs ng_collect_rollouts) on
+#            servers of its own with the defaults (:8002/:11002, GPU 1), stopped after     -> $OUT/collect.md
+#   GEN_OVERRIDES="key=value ..." (gen05, gen15): settings of those servers, e.g.
+#            'vllm.launch.extra_args=[--gpu-memory-utilization,"0.85",--api-server-count,"2"]' gym.launch.copies=4
 #   pairs    gymtrl train vs TRL GRPOTrainer (bench/gpu_step_vs_trl.py) at 64x128, collect, then 256x128:
 #            every trainer run on a fresh vLLM of its own (a second trainer's NCCL init on a vLLM 0.26
 #            server that had served one hung; six vLLMs started at once on one GPU failed their KV-cache
@@ -48,6 +53,17 @@ if [ "$mode" = bench-data ]; then  # here, not on the device: what the bundle's 
   find .bench-data -name __pycache__ -prune -exec rm -rf {} +
   grep -qx '/.bench-data/' .git/info/exclude || echo '/.bench-data/' >> .git/info/exclude
   du -sh .bench-data; exit 0
+fi
+
+if [ "$mode" = gpu-extra ]; then  # here: gymtrl's own pure-Python needs that the image and the bundle lack
+  # (the image has typer, click, rich, pyyaml, httpx, tqdm; the bundle has trl, datasets, pydantic): omegaconf
+  # and its parser runtime, whose 4.9.3 release is an sdist only, so it is built into a wheel here.
+  py=${GYMTRL_TRAINER_VENV:?source scripts/env.sh first}/bin/python
+  rm -rf .gpu-extra && mkdir -p .gpu-extra
+  "$py" -m pip download -q --no-deps --only-binary=:all: --dest .gpu-extra 'omegaconf==2.3.0' || exit 1
+  "$py" -m pip wheel -q --no-deps --wheel-dir .gpu-extra 'antlr4-python3-runtime==4.9.3' || exit 1
+  grep -qx '/.gpu-extra/' .git/info/exclude || echo '/.gpu-extra/' >> .git/info/exclude
+  ls .gpu-extra; exit 0
 fi
 
 if [ "$mode" = prep ]; then
@@ -138,8 +154,8 @@ stop_servers() {
   kill -KILL -- "-$pid" 2>/dev/null; rm -f "/tmp/srv-$tag.json" "/tmp/srv-$tag.pid"
   note "stopped servers $tag"
 }
-start_relay() {  # NeMo Gym's ng_collect_rollouts relay (bench/collector_relay.py) on :11100, in front of :11000
-  PYTHONPATH=/tmp/bench-data/gym-extra:$GYM_PYTHONPATH setsid python3 bench/collector_relay.py --head http://127.0.0.1:11000 \
+start_relay() {  # HEAD_PORT: NeMo Gym's ng_collect_rollouts relay (bench/collector_relay.py) on :11100, in front of that head
+  PYTHONPATH=/tmp/bench-data/gym-extra:$GYM_PYTHONPATH setsid python3 bench/collector_relay.py --head "http://127.0.0.1:$1" \
     --port 11100 --legacy-dir /tmp/bench-data/legacy_agent > /tmp/relay.out 2>&1 < /dev/null &
   echo $! > /tmp/relay.pid
   for _ in $(seq 60); do grep -q "RELAY READY" /tmp/relay.out 2>/dev/null && break; kill -0 "$(cat /tmp/relay.pid)" 2>/dev/null || break; sleep 1; done
@@ -149,7 +165,7 @@ stop_relay() { [ -f /tmp/relay.pid ] && kill -TERM -- "-$(cat /tmp/relay.pid)" 2
 
 collect_logs() {
   rm -rf /tmp/pack && mkdir -p /tmp/pack
-  for tag in 05b 15b g0 g1 g2 g3 t0 t1 A B C D E F G H; do
+  for tag in 05b 15b c05 g0 g1 g2 g3 t0 t1 A B C D E F G H; do
     [ -d /tmp/srv-$tag/logs ] || continue
     mkdir -p /tmp/pack/srv-$tag
     { head -c 12000 /tmp/srv-$tag/logs/vllm.log; echo; echo "[... middle cut ...]"; tail -c 12000 /tmp/srv-$tag/logs/vllm.log; } > /tmp/pack/srv-$tag/vllm.log 2>/dev/null
@@ -172,6 +188,7 @@ finish() {
 trap finish EXIT
 
 read -ra STEP_SO <<< "${STEP_OVERRIDES:-}"  # gymtrl-side key=value settings, as an array
+read -ra GEN_SO <<< "${GEN_OVERRIDES:-}"  # settings of the gen05/gen15 servers (both sides of that comparison)
 step_pair() {  # GYMTRL_TAG TRL_TAG VPORT POINT STEPS RUN_TIMEOUT OUTNAME VLLM_ARGS [gym key=value ...]
   # gymtrl's servers at VPORT (vLLM, GPU 1) and VPORT+3000 (Gym head); TRL's vLLM at VPORT+1 on GPU 0.
   local a=$1 b=$2 vp=$3 point=$4 steps=$5 rt=$6 name=$7 x=$8; shift 8
@@ -193,30 +210,39 @@ run_stage() {  # NAME TIMEOUT cmd...
   note "stage $name exit ${PIPESTATUS[0]}"
 }
 
-case ",$stages," in *,gen05,*|*,collect,*) start_servers 05b /tmp/model-0.5b 1 8000 11000;; esac
-case ",$stages," in *,gen15,*) make_model 1.5b && start_servers 15b /tmp/model-1.5b 0 8001 11001;; esac
+# collect runs on servers of its own with the defaults (one copy of each Gym server, as NeMo Gym runs them), on
+# GPU 1 like gen05's: with both stages, gen05's servers start when collect has stopped its own.
+case ",$stages," in
+  *,collect,*) start_servers c05 /tmp/model-0.5b 1 8002 11002;;
+  *,gen05,*) start_servers 05b /tmp/model-0.5b 1 8000 11000 "${GEN_SO[@]}";;
+esac
+case ",$stages," in *,gen15,*) make_model 1.5b && start_servers 15b /tmp/model-1.5b 0 8001 11001 "${GEN_SO[@]}";; esac
+GEN_LABEL=${GEN_OVERRIDES:+, $GEN_OVERRIDES}
 GEN=(python3 bench/gpu_generation.py --rounds 3 --shape 256x256)
 variant=0
 export CUDA_VISIBLE_DEVICES_TRAINER=0
 for st in ${stages//,/ }; do
   case $st in
     gen05)
+      [ -f /tmp/srv-05b.pid ] || start_servers 05b /tmp/model-0.5b 1 8000 11000 "${GEN_SO[@]}"
       wait_servers 05b $(( $(left) - 60 )) || continue
       need 60 gen05 && run_stage gen05 150 "${GEN[@]}" --parts gen --vllm http://127.0.0.1:8000 --head http://127.0.0.1:11000 \
-        --label "Qwen2.5-0.5B shape" --out "$OUT/generation.md" --json-out /tmp/gen05.json ;;
+        --label "Qwen2.5-0.5B shape$GEN_LABEL" --out "$OUT/generation.md" --json-out /tmp/gen05.json ;;
     gen15)
       wait_servers 15b $(( $(left) - 60 )) || continue
       need 60 gen15 && run_stage gen15 150 "${GEN[@]}" --parts gen --vllm http://127.0.0.1:8001 --head http://127.0.0.1:11001 \
-        --label "Qwen2.5-1.5B shape" --out "$OUT/generation.md" --json-out /tmp/gen15.json
+        --label "Qwen2.5-1.5B shape$GEN_LABEL" --out "$OUT/generation.md" --json-out /tmp/gen15.json
       stop_servers 15b ;;
     collect)
-      wait_servers 05b $(( $(left) - 60 )) || continue
+      wait_servers c05 $(( $(left) - 60 )) || continue
       need 60 collect || continue
-      curl -sf http://127.0.0.1:11100/readyz > /dev/null || start_relay
-      run_stage collect 200 python3 bench/gpu_generation.py --parts collect --vllm http://127.0.0.1:8000 --head http://127.0.0.1:11000 \
+      curl -sf http://127.0.0.1:11100/readyz > /dev/null || start_relay 11002
+      run_stage collect 200 python3 bench/gpu_generation.py --parts collect --vllm http://127.0.0.1:8002 --head http://127.0.0.1:11002 \
         --collector-head http://127.0.0.1:11100 --collect-n 256 --collect-repeats 4 --collect-concurrency 256 --collect-tokens 64 \
         --collect-rounds 3 --gym-python python3 --gym-pythonpath "/tmp/bench-data/gym-extra:$GYM_PYTHONPATH" \
-        --label "Qwen2.5-0.5B shape" --out "$OUT/generation.md" --json-out /tmp/gencollect.json ;;
+        --label "Qwen2.5-0.5B shape" --out "$OUT/collect.md" --json-out /tmp/gencollect.json
+      stop_relay; stop_servers c05
+      case ",$stages," in *,gen05,*) start_servers 05b /tmp/model-0.5b 1 8000 11000 "${GEN_SO[@]}";; esac ;;
     pairs|pairs-api2)  # gymtrl vs TRL, each on a fresh vLLM of its own (NCCL re-init hangs; several vLLMs starting
             # at once on one GPU fail their KV-cache check): gymtrl's vLLM on GPU 1 (trainer on GPU 0), TRL's on GPU 0
             # (trainer on GPU 1), each vLLM at 0.5 of its GPU so the other side's trainer fits beside it.
@@ -229,7 +255,7 @@ for st in ${stages//,/ }; do
       fi
       step_pair "${t[0]}" "${t[1]}" $p 64x128 8 110 "step$sfx" "$X" "${G[@]}" || continue
       if [ "$st" = pairs ] && need 75 collect; then
-        start_relay
+        start_relay 11000
         run_stage collect 100 python3 bench/gpu_generation.py --parts collect --vllm http://127.0.0.1:8000 --head http://127.0.0.1:11000 \
           --collector-head http://127.0.0.1:11100 --collect-n 256 --collect-repeats 4 --collect-concurrency 256 --collect-tokens 64 \
           --collect-rounds 2 --gym-python python3 --gym-pythonpath "/tmp/bench-data/gym-extra:$GYM_PYTHONPATH" \
@@ -253,6 +279,6 @@ for st in ${stages//,/ }; do
         --out "$OUT/generation.md" --json-out "/tmp/gen-$v.json"
       stop_servers "$v" ;;
     stop)
-      stop_relay; for tg in 15b 05b g0 g1 g2 g3 t0 t1 A B C D E F G H; do stop_servers $tg; done ;;
+      stop_relay; for tg in 15b 05b c05 g0 g1 g2 g3 t0 t1 A B C D E F G H; do stop_servers $tg; done ;;
   esac
 done
