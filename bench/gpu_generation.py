@@ -341,7 +341,9 @@ def run_collector(gym_python: str, gym_env: dict, head: str, in_path: Path, out_
     for line in proc.stdout.splitlines():
         if line.startswith("COLLECTOR_TIMING "):
             timing = json.loads(line.split(" ", 1)[1])
-    rows = [json.loads(x) for x in out_path.read_text().splitlines() if x.strip()] if out_path.exists() else []
+    # split on "\n" only: str.splitlines() also breaks at U+2028 and the like, which JSON leaves raw inside strings
+    # (a random model's completions hold them)
+    rows = [json.loads(x) for x in out_path.read_text().split("\n") if x.strip()] if out_path.exists() else []
     tokens = 0
     for r in rows:
         usage = (r.get("response") or {}).get("usage") or {}
