@@ -7,6 +7,7 @@ import pytest
 from gymtrl.config.schema import DataSource
 from gymtrl.data.read import read_jsonl, read_split
 from gymtrl.errors import DataError
+from gymtrl.metrics import read_metrics
 
 ROW = {"responses_create_params": {"input": "hi"}}
 
@@ -43,6 +44,20 @@ def test_source_agent_routes_unrouted_rows_and_rejects_conflicts(tmp_path):
     q = write_lines(tmp_path / "e.jsonl", [json.dumps({**ROW, "agent_ref": {"name": "agent_b"}})])
     with pytest.raises(DataError, match="conflicts with the source's agent 'agent_a'"):
         read_split([DataSource(path=str(q), agent="agent_a")])
+
+
+def test_unicode_line_separators_inside_strings_stay_in_their_row(tmp_path):
+    # prepare-data writes ensure_ascii=False, so U+2028/U+2029/U+0085 in a prompt reach the file raw;
+    # JSON allows them inside strings, and str.splitlines() would cut the row there.
+    text = "one\u2028two\u2029three\u0085four"
+    p = write_lines(tmp_path / "d.jsonl", [json.dumps({"responses_create_params": {"input": text}}, ensure_ascii=False),
+                                          json.dumps(ROW)])
+    rows = read_jsonl(p)
+    assert [r.where for r in rows] == [f"{p}:1", f"{p}:2"]
+    assert rows[0].data["responses_create_params"]["input"] == text
+    m = write_lines(tmp_path / "metrics.jsonl", [json.dumps({"step": 1, "note": text}, ensure_ascii=False),
+                                                json.dumps({"step": 2})])
+    assert read_metrics(m) == [{"step": 1, "note": text}, {"step": 2}]
 
 
 def test_missing_and_empty_files(tmp_path):

@@ -33,4 +33,5 @@ class MetricsJsonlWriter(TrainerCallback):
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    # "\n" only: str.splitlines() also breaks at U+2028 and the like, which JSON may hold raw inside a string
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").split("\n") if line.strip()]
