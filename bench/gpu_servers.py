@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# GYMTRL_BENCH_SRC: another copy of gymtrl's src/ (scripts/device_bench.sh: the last commit's)
+# GYMTRL_BENCH_SRC: the gymtrl src/ to run (scripts/device_bench.sh sets it)
 sys.path.insert(0, os.environ.get("GYMTRL_BENCH_SRC") or str(REPO / "src"))
 
 

@@ -51,7 +51,7 @@ from device_info import gpus, versions  # bench/device_info.py (this script's fo
 from call_timer import time_calls  # bench/call_timer.py
 
 REPO = Path(__file__).resolve().parents[1]
-# GYMTRL_BENCH_SRC: another copy of gymtrl's src/ (scripts/device_bench.sh: the last commit's)
+# GYMTRL_BENCH_SRC: the gymtrl src/ to run (scripts/device_bench.sh sets it)
 sys.path.insert(0, os.environ.get("GYMTRL_BENCH_SRC") or str(REPO / "src"))
 
 ROWS = REPO / "src/gymtrl/envs/resources_servers/digit_reply/data/train.jsonl"

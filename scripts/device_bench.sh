@@ -95,15 +95,15 @@ fi
 . /tmp/site/env.sh
 unpack_extra || exit 3
 make_model 0.5b || exit 4
-# gymtrl as last committed: the working tree that travels may hold another session's unfinished edits.
-if [ -z "${GYMTRL_BENCH_SRC:-}" ]; then
-  if [ -d /tmp/gymtrl-head/src ] || { mkdir -p /tmp/gymtrl-head && git archive HEAD src | tar x -C /tmp/gymtrl-head; }; then
-    export GYMTRL_BENCH_SRC=/tmp/gymtrl-head/src
-    note "gymtrl: src/ of commit $(git log -1 --format='%h %cd' 2>/dev/null) (working tree's src/: $(git status --short src 2>/dev/null | wc -l) changed files, not used)"
-  else
-    export GYMTRL_BENCH_SRC=$PWD/src; note "gymtrl: the working tree's src/ (git archive failed)"
-  fi
+# gymtrl: the src/ that travelled with this call (the device's git metadata may be older than the tree that
+# was sent: it named the landed commit while the tree held later local commits), with a digest of it so a
+# result can be matched to its code. GYMTRL_BENCH_SRC=head: src/ of the device's git HEAD instead.
+if [ "${GYMTRL_BENCH_SRC:-}" = head ]; then
+  rm -rf /tmp/gymtrl-head && mkdir -p /tmp/gymtrl-head && git archive HEAD src | tar x -C /tmp/gymtrl-head || exit 3
+  export GYMTRL_BENCH_SRC=/tmp/gymtrl-head/src
 fi
+export GYMTRL_BENCH_SRC=${GYMTRL_BENCH_SRC:-$PWD/src}
+note "gymtrl: $GYMTRL_BENCH_SRC, digest $(cd "$GYMTRL_BENCH_SRC" && find . -name '*.py' | sort | xargs cat | sha1sum | cut -c1-12) (device's git: $(git log -1 --format='%h' 2>/dev/null), $(git status --short src 2>/dev/null | wc -l) changed files under src/)"
 export PYTHONPATH="$GYMTRL_BENCH_SRC:$PYTHONPATH:/tmp/extra"  # the bundle's versions win over the extras
 for v in vllm-venv gym-venv; do
   mkdir -p /tmp/$v/bin && printf '#!/bin/sh\nexec python3 "$@"\n' > /tmp/$v/bin/python && chmod +x /tmp/$v/bin/python
