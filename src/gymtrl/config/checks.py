@@ -8,6 +8,7 @@ from gymtrl.config.urls import same_server
 from gymtrl.errors import ConfigError
 
 SYNC_STRATEGIES = ("auto", "nccl", "broadcast", "ipc", "reload", "none")
+PROMPT_ID_SOURCES = ("generation", "tokenize")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 JUDGE_SERVERS = ("none", "policy", "url", "launch")
 PREPARE_SOURCE_KINDS = ("path", "hf", "gym_dataset", "reasoning_gym")
@@ -47,6 +48,9 @@ def check_prepare(prep: PrepareConfig, source: str, where: str) -> None:
 
 def check_values(cfg: Config, source: str) -> None:
     """The values a config may hold, beyond their types; `source` names the file in each message."""
+    if cfg.gym.launch.prompt_ids not in PROMPT_ID_SOURCES:
+        raise ConfigError(f"{source}: gym.launch.prompt_ids must be one of {', '.join(PROMPT_ID_SOURCES)}, "
+                          f"got '{cfg.gym.launch.prompt_ids}'")
     if cfg.sync.strategy not in SYNC_STRATEGIES:
         raise ConfigError(f"{source}: sync.strategy must be one of {', '.join(SYNC_STRATEGIES)}, got '{cfg.sync.strategy}'")
     if cfg.sync.bucket_mb < 1:

@@ -90,6 +90,12 @@ class GymLaunchConfig(ProcessLaunchConfig):
     # Python process, and one copy becomes the bottleneck with many rollouts in flight). Rollouts
     # spread over an agent's copies; a rollout stays on one copy of everything it calls.
     copies: int = 1
+    # Where NeMo Gym's model servers (vllm_model, with return_token_id_information) get a call's
+    # prompt token ids: "generation" (vLLM returns them with the completion: one request a call) or
+    # "tokenize" (NeMo Gym's default: a second request, a chat /tokenize, which renders the chat
+    # template again in vLLM's API server). A request_prompt_and_generation_token_ids you set in
+    # `overrides` wins. bench/results/prompt_ids_source.md measures both.
+    prompt_ids: str = "generation"
 
 
 @dataclass

@@ -48,6 +48,7 @@ def gym_command(cfg: Config, log_dir: Path) -> list[str]:
     }
     for key, value in {**policy, **pool_overrides(cfg), **judge_overrides(cfg, log_dir), **launch.overrides}.items():
         cmd += ["--set", f"{key}={json.dumps(value)}"]
+    cmd += ["--prompt-ids", launch.prompt_ids]
     if launch.copies > 1:
         cmd += ["--copies", str(launch.copies)]
     if cfg.judge.server != "none":

@@ -112,6 +112,25 @@ def server_blocks(config):
                         yield name, server_type, impl, block
 
 
+INLINE_IDS = "request_prompt_and_generation_token_ids"
+
+
+def choose_prompt_ids(config, inline: bool, settings: list[str]) -> list[str]:
+    """Set vllm_model's request_prompt_and_generation_token_ids on every model server that reports
+    token ids, except where a --set names it. Inline, vLLM returns the prompt's ids with the
+    completion; otherwise the model server asks /tokenize for them in a second request (vLLM renders
+    the chat template twice a call). Returns the instances changed."""
+    named = {item.partition("=")[0].split(".")[0] for item in settings if item.partition("=")[0].endswith("." + INLINE_IDS)}
+    changed = []
+    for name, server_type, impl, block in server_blocks(config):
+        if server_type != "responses_api_models" or not impl.startswith("vllm_model") or name in named:
+            continue
+        if block.get("return_token_id_information") and bool(block.get(INLINE_IDS)) != inline:
+            block[INLINE_IDS] = inline
+            changed.append(name)
+    return changed
+
+
 COPY_SUFFIX = "__copy"  # gymtrl's discovery groups "<name>__copy<k>" under <name>
 
 
@@ -169,6 +188,9 @@ def main() -> int:
     ap.add_argument("--judge-for", action="append", default=[],
                     help="resources server instance whose LLM judge to switch on (repeatable)")
     ap.add_argument("--judge-server", default="policy_model", help="model server instance the judge calls")
+    ap.add_argument("--prompt-ids", choices=("generation", "tokenize"), default="tokenize",
+                    help="where model servers that report token ids get a call's prompt ids: from the "
+                         "generation itself, or from a second, /tokenize, request (NeMo Gym's default)")
     ap.add_argument("--copies", type=int, default=1,
                     help="run this many copies of every server; rollouts spread over the agents' copies")
     args = ap.parse_args()
@@ -197,6 +219,9 @@ def main() -> int:
         del config[name]
     for name in args.judge_for:
         wire_judge(config, name, args.judge_server)
+    changed = choose_prompt_ids(config, args.prompt_ids == "generation", args.set)
+    if changed:
+        log(f"prompt token ids from the {args.prompt_ids} for {', '.join(changed)}")
     if args.copies > 1:
         added = replicate(config, args.copies)
         log(f"{args.copies} copies of every server: added {len(added)} instances")

@@ -5,7 +5,8 @@ Loaded by vLLM in each of its processes through the `vllm.general_plugins` entry
 started with GYMTRL_PREFIX_CORRECTION=1 (gymtrl's launcher sets it when vllm.prefix_correction is
 on). Then it wraps `OnlineRenderer.preprocess_chat`, through which both chat completions and chat
 `/tokenize` render prompts (vLLM 0.26 and 0.32), so the prompt the engine generates from and the
-ids NeMo Gym reads back from /tokenize are the same corrected ids. See splice.py for the rule.
+ids NeMo Gym reads back (with the completion, gymtrl's default, or from /tokenize) are the same
+corrected ids. See splice.py for the rule.
 """
 
 from __future__ import annotations
