@@ -7,6 +7,7 @@ Without them the integration tests fail loudly rather than skip: a green run mus
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -107,6 +108,23 @@ output: {{dir: {out_dir}}}
     out_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return load_config(path)
+
+
+@contextlib.contextmanager
+def gym_beside(servers, model: Path, out_dir: Path, **launch):
+    """A NeMo Gym of its own (digit_reply and workplace_assistant) generating with the session's vLLM,
+    with the given gym.launch settings (copies=2, prompt_ids="tokenize", ...)."""
+    from gymtrl.servers.stack import ServerStack
+
+    cfg = server_config(model, int(servers.vllm_url.rsplit(":", 1)[1]), free_port(), out_dir,
+                        gym_configs=["responses_api_models/vllm_model/configs/vllm_model_for_training.yaml",
+                                     "resources_servers/workplace_assistant/configs/workplace_assistant.yaml",
+                                     "resources_servers/digit_reply/configs/digit_reply.yaml"])
+    cfg.vllm.launch.enabled = False
+    for key, value in launch.items():
+        setattr(cfg.gym.launch, key, value)
+    with ServerStack(cfg, out_dir / "logs"):
+        yield cfg
 
 
 class Servers:

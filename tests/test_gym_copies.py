@@ -7,7 +7,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from conftest import REPO, free_port, server_config
+from conftest import REPO, gym_beside
 from gymtrl.gym.discovery import discover, topology_from_config
 from gymtrl.rollout.engine import CopyPicker, RolloutEngine, SamplingParams
 from gymtrl.rollout.failures import FailureBound, FailureLedger
@@ -67,16 +67,8 @@ def test_each_rollout_goes_to_the_copy_with_fewest_in_flight():
 @pytest.fixture(scope="module")
 def two_copies(servers, tiny_model, tmp_path_factory):
     """A NeMo Gym of its own with two copies of every server, generating with the session's vLLM."""
-    from gymtrl.servers.stack import ServerStack
-
     out = tmp_path_factory.mktemp("copies")
-    cfg = server_config(tiny_model, int(servers.vllm_url.rsplit(":", 1)[1]), free_port(), out,
-                        gym_configs=["responses_api_models/vllm_model/configs/vllm_model_for_training.yaml",
-                                     "resources_servers/workplace_assistant/configs/workplace_assistant.yaml",
-                                     "resources_servers/digit_reply/configs/digit_reply.yaml"])
-    cfg.vllm.launch.enabled = False
-    cfg.gym.launch.copies = 2
-    with ServerStack(cfg, out / "logs"):
+    with gym_beside(servers, tiny_model, out, copies=2) as cfg:
         yield cfg, out
 
 

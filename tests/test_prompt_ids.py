@@ -9,7 +9,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from conftest import REPO, free_port, server_config
+from conftest import REPO, gym_beside
 from gymtrl.config import load_config
 from gymtrl.errors import ConfigError
 from gymtrl.gym.discovery import discover
@@ -70,16 +70,8 @@ def tokenize_requests(vllm_url: str) -> float:
 @pytest.fixture(scope="module")
 def tokenize_gym(servers, tiny_model, tmp_path_factory):
     """A NeMo Gym of its own with NeMo Gym's default (prompt ids from /tokenize), on the session's vLLM."""
-    from gymtrl.servers.stack import ServerStack
-
     out = tmp_path_factory.mktemp("prompt-ids")
-    cfg = server_config(tiny_model, int(servers.vllm_url.rsplit(":", 1)[1]), free_port(), out,
-                        gym_configs=["responses_api_models/vllm_model/configs/vllm_model_for_training.yaml",
-                                     "resources_servers/workplace_assistant/configs/workplace_assistant.yaml",
-                                     "resources_servers/digit_reply/configs/digit_reply.yaml"])
-    cfg.vllm.launch.enabled = False
-    cfg.gym.launch.prompt_ids = "tokenize"
-    with ServerStack(cfg, out / "logs"):
+    with gym_beside(servers, tiny_model, out, prompt_ids="tokenize") as cfg:
         yield cfg, out
 
 
