@@ -31,21 +31,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_generation import CpuMeter, interesting_processes  # noqa: E402  (bench/gpu_generation.py)
+from prefix_correction import free_port, versions  # noqa: E402  (bench/prefix_correction.py)
+
+from gymtrl.servers.gym_launcher import INLINE_IDS  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS = REPO / "src/gymtrl/envs/resources_servers/digit_reply/data/train.jsonl"
-AGENT = "digit_reply_simple_agent"
-INLINE_KEY = "policy_model.responses_api_models.vllm_model.request_prompt_and_generation_token_ids"
+INLINE_KEY = f"policy_model.responses_api_models.vllm_model.{INLINE_IDS}"
 # gym.launch.prompt_ids for each mode
 MODES = {"a second request, `/tokenize` (NeMo Gym's default)": "tokenize", "the generation (gymtrl's default)": "generation"}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stack_config(args, vllm_url: str, launch_vllm: bool, prompt_ids: str, out: Path):
@@ -184,16 +178,6 @@ def report(args, rows, rounds) -> str:
     lines += ["", f"Prompt token ids of the last round, row by row: {same} identical, {differ} different "
               f"({n - same - differ} without a trajectory on one side)."]
     return "\n".join(lines) + "\n"
-
-
-def versions(args) -> str:
-    import subprocess
-
-    from gymtrl import __version__
-
-    python = Path(args.vllm_venv) / "bin" / "python"
-    out = subprocess.run([str(python), "-c", "import vllm; print(vllm.__version__)"], capture_output=True, text=True)
-    return f"gymtrl {__version__}, vLLM {out.stdout.strip() or '?'}"
 
 
 if __name__ == "__main__":
