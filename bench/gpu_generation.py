@@ -21,6 +21,9 @@ Part `gen`, paths, each timed as one batch of N (rounds alternate the order; fir
   gymtrl        gymtrl's RolloutEngine.run on the N rows (rollout.max_concurrency = N): client, Gym,
                 vLLM, stitching, failure accounting: what `gymtrl train`'s rollout phase does.
 The table gives output tokens/s and gymtrl's ratio to each baseline (target: >= 0.90 of vLLM's).
+Part `inflight`: the gymtrl path alone on the same N rows with at most C rollouts in flight, for each C
+of --inflight and N (issue 6's "step time vs rollouts in flight": the rollout phase is the part of the
+step that C changes).
 Profile: CPU seconds each process spent during the batch (/proc), per path: a single-threaded
 server at ~100% of one core is the bottleneck.
 
@@ -301,6 +304,46 @@ def run_gen(p: Paths, rounds: int, procs: dict[int, str]) -> dict:
     return res
 
 
+def run_inflight(p: Paths, limits: list[int], rounds: int, procs: dict[int, str]) -> dict:
+    """The gymtrl path on the same N rows with at most C rollouts in flight (rollout.max_concurrency = C), for
+    each C in `limits` and N itself; rounds rotate the order. Batch wall time grows as C falls below what
+    keeps vLLM's batch full: what a user trades for a smaller rollout-phase memory or a slower environment."""
+    limits = sorted({min(c, p.n) for c in limits} | {p.n})
+    engines = {c: RolloutEngine(p.topology, SamplingParams(1.0, 1.0, p.tokens), FailureLedger(FailureBound(1.0, 10**6, 10**6)),
+                                max_concurrency=c, timeout_s=p.timeout_s, retries=0, retry_backoff_s=0.5) for c in limits}
+    res = {c: [] for c in limits}
+    try:
+        engines[limits[0]].run(p.rows[:limits[0]])  # warm-up
+        for rd in range(rounds):
+            seq = limits[rd % len(limits):] + limits[:rd % len(limits)]
+            for c in seq:
+                with CpuMeter(procs) as m:
+                    outs = engines[c].run(p.rows)
+                ok = [o for o in outs if o.trajectory is not None]
+                res[c].append(dict(seconds=m.wall, tokens=sum(o.trajectory.num_model_tokens for o in ok),
+                                   failed=len(outs) - len(ok), cpu=m.by_label))
+                print(f"  inflight round {rd} C={c}: {m.wall:.3f} s, {res[c][-1]['tokens']} tokens, "
+                      f"failed {res[c][-1]['failed']}", flush=True)
+    finally:
+        for e in engines.values():
+            e.close()
+    return res
+
+
+def report_inflight(res: dict, p: Paths, label: str) -> list[str]:
+    med = {c: statistics.median(r["seconds"] for r in v) for c, v in res.items()}
+    toks = {c: statistics.median(r["tokens"] for r in v) for c, v in res.items()}
+    full = max(res)
+    lines = [f"### Rollouts in flight, {label}: {p.n} rollouts x {p.tokens} tokens, at most C in flight, "
+             f"{len(res[full])} rounds", "",
+             "| C (rollout.max_concurrency) | median s | best s | tokens/s (median) | time / all in flight | failed |",
+             "|---|---|---|---|---|---|"]
+    for c in sorted(res):
+        lines.append(f"| {c} | {med[c]:.3f} | {min(r['seconds'] for r in res[c]):.3f} | {toks[c] / med[c]:,.0f} | "
+                     f"{med[c] / med[full]:.2f} | {sum(r['failed'] for r in res[c])} |")
+    return lines
+
+
 # ---- collection: gymtrl vs ng_collect_rollouts -----------------------------------------------------
 COLLECTOR_WRAPPER = r"""
 import json, sys, time
@@ -470,6 +513,7 @@ def main(argv=None) -> int:
     ap.add_argument("--parts", default="gen,collect")
     ap.add_argument("--label", default="")
     ap.add_argument("--timeout", type=float, default=300)
+    ap.add_argument("--inflight", default="16,32,64,128", help="part inflight: the limits C on rollouts in flight")
     ap.add_argument("--collect-n", type=int, default=256)
     ap.add_argument("--collect-repeats", type=int, default=4)
     ap.add_argument("--collect-concurrency", type=int, default=256)
@@ -501,6 +545,10 @@ def main(argv=None) -> int:
         res = run_gen(p, args.rounds, procs)
         dump["gen"] = {k: [{kk: vv for kk, vv in r.items() if kk not in ("latency", "per_request")} for r in v] for k, v in res.items()}
         lines += report_gen(res, p, args.label or model) + [""]
+    if "inflight" in parts:
+        res = run_inflight(p, [int(x) for x in args.inflight.split(",")], args.rounds, procs)
+        dump["inflight"] = {str(c): v for c, v in res.items()}
+        lines += report_inflight(res, p, args.label or model) + [""]
     if "collect" in parts:
         c = run_collect(p, args, procs)
         dump["collect"] = c

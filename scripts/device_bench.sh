@@ -17,9 +17,12 @@
 #       (bench/gpu_servers.py under setsid, so they stay up for the next call, as `gymtrl train`
 #       launches them), then runs the stages in order while BUDGET seconds last:
 #   gen05    bench/gpu_generation.py --parts gen, 256 x 256, 0.5B on GPU 1 (:8000/:11000) -> $OUT/generation.md
+#   gen05-64 the same servers and paths at 64 x 128 (the step comparison's shape) -> $OUT/generation-64x128.md
 #   gen15    the same on a 1.5B server on GPU 0 (:8001/:11001), then stops it        -> $OUT/generation.md
 #   collect  bench/collector_relay.py + bench/gpu_generation.py --parts collect (gymtrl vs ng_collect_rollouts) on
 #            servers of its own with the defaults (:8002/:11002, GPU 1), stopped after     -> $OUT/collect.md
+#   GEN_PARTS=gen,inflight (gen05): also the gymtrl path with at most C rollouts in flight (--inflight, GEN_INFLIGHT);
+#            GEN_TIMEOUT=S: gen05's limit (default 150 s)
 #   GEN_OVERRIDES="key=value ..." (gen05, gen15): settings of those servers, e.g.
 #            'vllm.launch.extra_args=[--gpu-memory-utilization,"0.85",--api-server-count,"2"]' gym.launch.copies=4
 #   pairs    gymtrl train vs TRL GRPOTrainer (bench/gpu_step_vs_trl.py) at 64x128, collect, then 256x128:
@@ -29,6 +32,8 @@
 #            vLLM at 0.5 of its GPU -> $OUT/step.md, collect.md, scaling.md
 #   pairs-api2  the same pairs with configs/gpu-1x.yaml's generation settings on both sides (vLLM
 #            --api-server-count 2; gymtrl's Gym 4 copies), no collect -> $OUT/step-api2.md, scaling-api2.md
+#   pair64-api2, pair64-api2-tokenize  pairs-api2's 64 x 128 pair only; -tokenize with gym.launch.prompt_ids=tokenize
+#            on gymtrl's side (NeMo Gym's default: a /tokenize per model call) -> $OUT/step-api2.md, step-api2-tokenize.md
 #   one-gpu-apiN[-copiesC]  one GPU: the gen05 measurement on GPU 0 with vLLM --api-server-count N and
 #            gym.launch.copies C (servers started, measured, stopped; one variant after another) -> $OUT/generation.md
 #   stop     stops every server this script started
@@ -165,7 +170,7 @@ stop_relay() { [ -f /tmp/relay.pid ] && kill -TERM -- "-$(cat /tmp/relay.pid)" 2
 
 collect_logs() {
   rm -rf /tmp/pack && mkdir -p /tmp/pack
-  for tag in 05b 15b c05 g0 g1 g2 g3 t0 t1 A B C D E F G H; do
+  for tag in 05b 15b c05 g0 g1 g2 g3 t0 t1 A B C D E F G H I J; do
     [ -d /tmp/srv-$tag/logs ] || continue
     mkdir -p /tmp/pack/srv-$tag
     { head -c 12000 /tmp/srv-$tag/logs/vllm.log; echo; echo "[... middle cut ...]"; tail -c 12000 /tmp/srv-$tag/logs/vllm.log; } > /tmp/pack/srv-$tag/vllm.log 2>/dev/null
@@ -211,23 +216,26 @@ run_stage() {  # NAME TIMEOUT cmd...
 }
 
 # collect runs on servers of its own with the defaults (one copy of each Gym server, as NeMo Gym runs them), on
-# GPU 1 like gen05's: with both stages, gen05's servers start when collect has stopped its own.
-case ",$stages," in
-  *,collect,*) start_servers c05 /tmp/model-0.5b 1 8002 11002;;
-  *,gen05,*) start_servers 05b /tmp/model-0.5b 1 8000 11000 "${GEN_SO[@]}";;
-esac
+# GPU 1; with both stages, gen05's servers start at the same time on GPU 0 (one vLLM starting per GPU).
+gen05_gpu=1
+case ",$stages," in *,collect,*) start_servers c05 /tmp/model-0.5b 1 8002 11002; gen05_gpu=0;; esac
+case ",$stages," in *,gen05,*) start_servers 05b /tmp/model-0.5b $gen05_gpu 8000 11000 "${GEN_SO[@]}";; esac
 case ",$stages," in *,gen15,*) make_model 1.5b && start_servers 15b /tmp/model-1.5b 0 8001 11001 "${GEN_SO[@]}";; esac
 GEN_LABEL=${GEN_OVERRIDES:+, $GEN_OVERRIDES}
-GEN=(python3 bench/gpu_generation.py --rounds 3 --shape 256x256)
+GEN=(python3 bench/gpu_generation.py --rounds 3 --shape 256x256 --inflight "${GEN_INFLIGHT:-32,64,128}")
 variant=0
 export CUDA_VISIBLE_DEVICES_TRAINER=0
 for st in ${stages//,/ }; do
   case $st in
     gen05)
-      [ -f /tmp/srv-05b.pid ] || start_servers 05b /tmp/model-0.5b 1 8000 11000 "${GEN_SO[@]}"
       wait_servers 05b $(( $(left) - 60 )) || continue
-      need 60 gen05 && run_stage gen05 150 "${GEN[@]}" --parts gen --vllm http://127.0.0.1:8000 --head http://127.0.0.1:11000 \
+      need 60 gen05 && run_stage gen05 "${GEN_TIMEOUT:-150}" "${GEN[@]}" --parts "${GEN_PARTS:-gen}" --vllm http://127.0.0.1:8000 --head http://127.0.0.1:11000 \
         --label "Qwen2.5-0.5B shape$GEN_LABEL" --out "$OUT/generation.md" --json-out /tmp/gen05.json ;;
+    gen05-64)  # gen05's servers and paths at the 64 x 128 shape of the step comparison (gen part only)
+      wait_servers 05b $(( $(left) - 40 )) || continue
+      need 40 gen05-64 && run_stage gen05-64 90 python3 bench/gpu_generation.py --rounds 3 --shape 64x128 --parts gen \
+        --vllm http://127.0.0.1:8000 --head http://127.0.0.1:11000 --label "Qwen2.5-0.5B shape$GEN_LABEL" \
+        --out "$OUT/generation-64x128.md" --json-out /tmp/gen05-64.json ;;
     gen15)
       wait_servers 15b $(( $(left) - 60 )) || continue
       need 60 gen15 && run_stage gen15 150 "${GEN[@]}" --parts gen --vllm http://127.0.0.1:8001 --head http://127.0.0.1:11001 \
@@ -241,19 +249,22 @@ for st in ${stages//,/ }; do
         --collector-head http://127.0.0.1:11100 --collect-n 256 --collect-repeats 4 --collect-concurrency 256 --collect-tokens 64 \
         --collect-rounds 3 --gym-python python3 --gym-pythonpath "/tmp/bench-data/gym-extra:$GYM_PYTHONPATH" \
         --label "Qwen2.5-0.5B shape" --out "$OUT/collect.md" --json-out /tmp/gencollect.json
-      stop_relay; stop_servers c05
-      case ",$stages," in *,gen05,*) start_servers 05b /tmp/model-0.5b 1 8000 11000 "${GEN_SO[@]}";; esac ;;
-    pairs|pairs-api2)  # gymtrl vs TRL, each on a fresh vLLM of its own (NCCL re-init hangs; several vLLMs starting
+      stop_relay; stop_servers c05 ;;
+    pairs|pairs-api2|pair64-api2*)  # gymtrl vs TRL, each on a fresh vLLM of its own (NCCL re-init hangs; several vLLMs starting
             # at once on one GPU fail their KV-cache check): gymtrl's vLLM on GPU 1 (trainer on GPU 0), TRL's on GPU 0
             # (trainer on GPU 1), each vLLM at 0.5 of its GPU so the other side's trainer fits beside it.
             # pairs-api2: both vLLMs with --api-server-count 2, gymtrl's Gym with 4 copies (configs/gpu-1x.yaml's
             # generation settings), without the collect stage.
       X='vllm.launch.extra_args=[--gpu-memory-utilization,"0.5"]'; G=(); sfx=""; t=(A B C D); p=8000
-      if [ "$st" = pairs-api2 ]; then
+      if [ "$st" != pairs ]; then
         X='vllm.launch.extra_args=[--gpu-memory-utilization,"0.5",--api-server-count,"2"]'; G=(gym.launch.copies=4)
         sfx=-api2; t=(E F G H); p=8004
       fi
+      if [ "$st" = pair64-api2-tokenize ]; then  # NeMo Gym's own prompt ids (a /tokenize per model call), other ports
+        G+=(gym.launch.prompt_ids=tokenize); sfx=-api2-tokenize; t=(I J); p=8008
+      fi
       step_pair "${t[0]}" "${t[1]}" $p 64x128 8 110 "step$sfx" "$X" "${G[@]}" || continue
+      case $st in pair64-api2*) stop_servers "${t[0]}"; stop_servers "${t[1]}"; continue;; esac
       if [ "$st" = pairs ] && need 75 collect; then
         start_relay 11000
         run_stage collect 100 python3 bench/gpu_generation.py --parts collect --vllm http://127.0.0.1:8000 --head http://127.0.0.1:11000 \
@@ -279,6 +290,6 @@ for st in ${stages//,/ }; do
         --out "$OUT/generation.md" --json-out "/tmp/gen-$v.json"
       stop_servers "$v" ;;
     stop)
-      stop_relay; for tg in 15b 05b c05 g0 g1 g2 g3 t0 t1 A B C D E F G H; do stop_servers $tg; done ;;
+      stop_relay; for tg in 15b 05b c05 g0 g1 g2 g3 t0 t1 A B C D E F G H I J; do stop_servers $tg; done ;;
   esac
 done
