@@ -115,8 +115,11 @@ def snapshot(gym_pids: list[int]) -> dict:
 
 
 def write_config(tmp: Path, backend_port: int, head_port: int, max_concurrency: int,
-                 resources_config: str = "resources_servers/digit_reply/configs/digit_reply.yaml") -> Path:
-    """The config `gymtrl train` would launch Gym from (so gymtrl's pool settings for Gym apply)."""
+                 resources_config: str = "resources_servers/digit_reply/configs/digit_reply.yaml",
+                 base_url: str | None = None, served_model_name: str = "tiny", overrides: dict | None = None,
+                 copies: int = 1, launch_env: dict | None = None) -> Path:
+    """The config `gymtrl train` would launch Gym from (so gymtrl's pool settings for Gym apply). `base_url`
+    (a real vLLM) replaces the backend on `backend_port`; `overrides` are gym.launch.overrides."""
     path = tmp / f"load-{head_port}.yaml"
     path.write_text(f"""
 model: {{name_or_path: unused, dtype: float32}}
@@ -128,7 +131,10 @@ gym:
     venv: {os.environ['GYMTRL_GYM_VENV']}
     config_paths: [responses_api_models/vllm_model/configs/vllm_model_for_training.yaml,
                    {resources_config}]
-vllm: {{base_url: "http://127.0.0.1:{backend_port}", served_model_name: tiny}}
+    overrides: {json.dumps(overrides or {})}
+    copies: {copies}
+    env: {json.dumps(launch_env or {})}
+vllm: {{base_url: "{base_url or f'http://127.0.0.1:{backend_port}'}", served_model_name: {json.dumps(served_model_name)}}}
 rollout: {{max_concurrency: {max_concurrency}}}
 output: {{dir: {tmp}}}
 """)

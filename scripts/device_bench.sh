@@ -36,6 +36,8 @@
 #            on gymtrl's side (NeMo Gym's default: a /tokenize per model call) -> $OUT/step-api2.md, step-api2-tokenize.md
 #   one-gpu-apiN[-copiesC]  one GPU: the gen05 measurement on GPU 0 with vLLM --api-server-count N and
 #            gym.launch.copies C (servers started, measured, stopped; one variant after another) -> $OUT/generation.md
+#   turns    bench/turns_scaling.py --vllm: the rollout phase vs turns per rollout (TURNS, default "1 2 3"; TURNS_ROLLOUTS
+#            rollouts, default 128) on workplace_assistant with real generation, vLLM on GPU 1 (:8012)  -> $OUT/turns.md
 #   stop     stops every server this script started
 # STEP_OVERRIDES="key=value ..." (pairs, pairs-api2): gymtrl-side settings for its servers and trainer, e.g.
 #            sync.strategy=broadcast (bench-gpu.yaml names TRL's nccl, so both sides sync alike by default);
@@ -52,8 +54,9 @@ note() { echo "[device_bench $(date +%T) +${SECONDS}s] $*" | tee -a "$LOG"; }
 
 if [ "$mode" = bench-data ]; then  # here, not on the device: what the bundle's pruned NeMo Gym lacks for ng_collect_rollouts
   site=${GYMTRL_GYM_SITE:?source scripts/env.sh first}
-  rm -rf .bench-data/gym-extra .bench-data/legacy_agent && mkdir -p .bench-data/gym-extra
+  rm -rf .bench-data/gym-extra .bench-data/legacy_agent .bench-data/rows && mkdir -p .bench-data/gym-extra .bench-data/rows/workplace_assistant
   cp -r "$site"/environment_servers/legacy_agent .bench-data/legacy_agent && rm -rf .bench-data/legacy_agent/tests
+  cp "$site"/resources_servers/workplace_assistant/data/example.jsonl .bench-data/rows/workplace_assistant/  # the pruned Gym has no data
   for d in devtools asttokens executing; do cp -r "$site"/$d "$site"/$d-*.dist-info .bench-data/gym-extra/; done
   find .bench-data -name __pycache__ -prune -exec rm -rf {} +
   grep -qx '/.bench-data/' .git/info/exclude || echo '/.bench-data/' >> .git/info/exclude
@@ -170,7 +173,7 @@ stop_relay() { [ -f /tmp/relay.pid ] && kill -TERM -- "-$(cat /tmp/relay.pid)" 2
 
 collect_logs() {
   rm -rf /tmp/pack && mkdir -p /tmp/pack
-  for tag in 05b 15b c05 g0 g1 g2 g3 t0 t1 A B C D E F G H I J; do
+  for tag in 05b 15b c05 tw g0 g1 g2 g3 t0 t1 A B C D E F G H I J; do
     [ -d /tmp/srv-$tag/logs ] || continue
     mkdir -p /tmp/pack/srv-$tag
     { head -c 12000 /tmp/srv-$tag/logs/vllm.log; echo; echo "[... middle cut ...]"; tail -c 12000 /tmp/srv-$tag/logs/vllm.log; } > /tmp/pack/srv-$tag/vllm.log 2>/dev/null
@@ -289,7 +292,17 @@ for st in ${stages//,/ }; do
         --label "Qwen2.5-0.5B shape, one GPU, vLLM --api-server-count $api, gym.launch.copies $copies" \
         --out "$OUT/generation.md" --json-out "/tmp/gen-$v.json"
       stop_servers "$v" ;;
+    turns)  # the rollout phase vs turns per rollout with real generation: workplace_assistant, every model call held to
+            # a tool call, the agent's max_steps = T (bench/turns_scaling.py --vllm), Gym 4 copies, on a vLLM of its own
+      read -ra turn_list <<< "${TURNS:-1 2 3}"
+      start_servers tw /tmp/model-0.5b 1 8012 11012 vllm.max_model_len=16384
+      wait_servers tw $(( $(left) - 60 )) || continue
+      need 60 turns && run_stage turns "${TURNS_TIMEOUT:-240}" python3 bench/turns_scaling.py --vllm http://127.0.0.1:8012 \
+        --turns "${turn_list[@]}" --rollouts "${TURNS_ROLLOUTS:-128}" --repeats 3 --max-tokens 96 --copies 4 \
+        --gym-pythonpath "$GYM_PYTHONPATH" --rows /tmp/bench-data/rows/workplace_assistant/example.jsonl --device "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" \
+        --out "$OUT/turns.md"
+      stop_servers tw ;;
     stop)
-      stop_relay; for tg in 15b 05b c05 g0 g1 g2 g3 t0 t1 A B C D E F G H I J; do stop_servers $tg; done ;;
+      stop_relay; for tg in 15b 05b c05 tw g0 g1 g2 g3 t0 t1 A B C D E F G H I J; do stop_servers $tg; done ;;
   esac
 done

@@ -144,3 +144,21 @@ def test_a_batch_of_many_rollouts_leaves_no_connection_open(agents):
     finally:
         engine.close()
     assert agents.calls["ok"] == 2 * n
+
+
+def test_a_cap_below_half_the_batch_is_warned_once(agents, caplog):
+    """rollout.max_concurrency under half a batch runs the rollout phase in waves: said once, with the fix."""
+    from gymtrl.rollout.rollout_func import GymRolloutFunc
+
+    engine = make_engine(agents, FailureLedger(FailureBound(1.0, 10**6, 10**6)))  # max_concurrency=16
+    func = GymRolloutFunc(engine, rows={}, sync=None, verifier=None, placeholder_token_id=0)
+    try:
+        with caplog.at_level("WARNING", logger="gymtrl.rollout.rollout_func"):
+            func._warn_in_flight(32)  # half in flight: no warning
+            assert not caplog.records
+            func._warn_in_flight(64)
+            func._warn_in_flight(64)
+        assert len(caplog.records) == 1
+        assert "rollout.max_concurrency=16" in caplog.text and "Raise it to 64" in caplog.text
+    finally:
+        engine.close()

@@ -124,6 +124,7 @@ class RolloutEngine:
         self.sampling = sampling
         self.ledger = ledger
         self.timeout_s = timeout_s
+        self.max_concurrency = max_concurrency
         self._client_args = (max_concurrency, timeout_s, retries, retry_backoff_s)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="gymtrl-rollouts", daemon=True)
