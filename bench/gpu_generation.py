@@ -132,6 +132,9 @@ def interesting_processes(vllm_port: int, head_port: int) -> dict[int, str]:
         cmd, comm = _cmd(pid), _comm(pid)
         if (comm.startswith("VLLM::Engine") or "EngineCore" in comm) and _ppid(pid) in apis:
             out[pid] = "vLLM engine core"
+    for pid in pids:  # --api-server-count N: the N API-server processes are children of `vllm serve`
+        if pid not in out and _ppid(pid) in apis and not _comm(pid).startswith("VLLM::Worker"):
+            out[pid] = "vLLM API server processes (--api-server-count)"
     engines = {p for p, lab in out.items() if lab == "vLLM engine core"}
     for pid in pids:
         if _comm(pid).startswith("VLLM::Worker") and _ppid(pid) in engines:

@@ -126,14 +126,12 @@ def measure(tmp: Path, turns: int, args) -> dict:
             batch_kw = {}
         make_rows = functools.partial(rows, rows_file=args.rows, forced_tool_call=bool(args.vllm), max_tokens=args.max_tokens)
         cfg = load_config(path)
-        gym = ManagedProcess("NeMo Gym servers", gym_command(cfg, tmp / f"gym-logs-t{turns}"), tmp / f"gym-t{turns}.log")
+        gym = ManagedProcess("NeMo Gym servers", gym_command(cfg, tmp / f"gym-logs-t{turns}"), tmp / f"gym-t{turns}.log",
+                             env=dict(cfg.gym.launch.env))  # as gymtrl's ServerStack starts it
         gym.start()
         stack.callback(gym.stop)
-        try:
-            wait_ready(cfg.gym.head_server_url, 300, is_alive=gym.alive)
-        except Exception:
-            print((tmp / f"gym-t{turns}.log").read_text()[-4000:], flush=True)
-            raise
+        # gym.check() raises with the last lines of Gym's log when the launcher exited
+        wait_ready(cfg.gym.head_server_url, 300, is_alive=lambda: gym.alive() or bool(gym.check()))
         topo = discover(cfg.gym.head_server_url)
         pids = descendants(gym.proc.pid)
         run_batch(topo, make_rows(min(n, 16)), pids, timeout_s, **batch_kw)  # warm-up: connections, first imports

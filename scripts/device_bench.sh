@@ -219,10 +219,15 @@ run_stage() {  # NAME TIMEOUT cmd...
 }
 
 # collect runs on servers of its own with the defaults (one copy of each Gym server, as NeMo Gym runs them), on
-# GPU 1; with both stages, gen05's servers start at the same time on GPU 0 (one vLLM starting per GPU).
-gen05_gpu=1
-case ",$stages," in *,collect,*) start_servers c05 /tmp/model-0.5b 1 8002 11002; gen05_gpu=0;; esac
-case ",$stages," in *,gen05,*) start_servers 05b /tmp/model-0.5b $gen05_gpu 8000 11000 "${GEN_SO[@]}";; esac
+# GPU 1; with both stages, gen05's servers start at the same time on GPU 0 (one vLLM starting per GPU: several
+# starting at once on one GPU fail their KV-cache check), unless gen15's take GPU 0: then gen05's start on GPU 1
+# once collect has stopped its own.
+case ",$stages," in
+  *,collect,*gen15,*|*,gen15,*collect,*) start_servers c05 /tmp/model-0.5b 1 8002 11002;;
+  *,collect,*) start_servers c05 /tmp/model-0.5b 1 8002 11002
+               case ",$stages," in *,gen05,*) start_servers 05b /tmp/model-0.5b 0 8000 11000 "${GEN_SO[@]}";; esac;;
+  *,gen05,*) start_servers 05b /tmp/model-0.5b 1 8000 11000 "${GEN_SO[@]}";;
+esac
 case ",$stages," in *,gen15,*) make_model 1.5b && start_servers 15b /tmp/model-1.5b 0 8001 11001 "${GEN_SO[@]}";; esac
 GEN_LABEL=${GEN_OVERRIDES:+, $GEN_OVERRIDES}
 GEN=(python3 bench/gpu_generation.py --rounds 3 --shape 256x256 --inflight "${GEN_INFLIGHT:-32,64,128}")
@@ -231,10 +236,12 @@ export CUDA_VISIBLE_DEVICES_TRAINER=0
 for st in ${stages//,/ }; do
   case $st in
     gen05)
+      [ -f /tmp/srv-05b.pid ] || start_servers 05b /tmp/model-0.5b 1 8000 11000 "${GEN_SO[@]}"
       wait_servers 05b $(( $(left) - 60 )) || continue
       need 60 gen05 && run_stage gen05 "${GEN_TIMEOUT:-150}" "${GEN[@]}" --parts "${GEN_PARTS:-gen}" --vllm http://127.0.0.1:8000 --head http://127.0.0.1:11000 \
         --label "Qwen2.5-0.5B shape$GEN_LABEL" --out "$OUT/generation.md" --json-out /tmp/gen05.json ;;
     gen05-64)  # gen05's servers and paths at the 64 x 128 shape of the step comparison (gen part only)
+      [ -f /tmp/srv-05b.pid ] || start_servers 05b /tmp/model-0.5b 1 8000 11000 "${GEN_SO[@]}"
       wait_servers 05b $(( $(left) - 40 )) || continue
       need 40 gen05-64 && run_stage gen05-64 90 python3 bench/gpu_generation.py --rounds 3 --shape 64x128 --parts gen \
         --vllm http://127.0.0.1:8000 --head http://127.0.0.1:11000 --label "Qwen2.5-0.5B shape$GEN_LABEL" \
