@@ -42,6 +42,17 @@ def test_every_copy_calls_its_own_copies_on_its_own_port():
     assert config["policy_model__copy1"]["responses_api_models"]["vllm_model"]["base_url"] == "http://127.0.0.1:8000/v1"
 
 
+def test_copies_never_share_a_port_when_the_os_hands_one_out_twice(monkeypatch):
+    """The OS may give a just-closed port out again; each copy must still get a port of its own, and
+    none of the servers' or the head server's."""
+    handed = iter([5000, 5000, 10, 11000, 5001, 5001, 5002, 12, 5003, 5004, 5005])
+    monkeypatch.setattr(gym_launcher, "os_free_port", lambda host: next(handed))
+    config = OmegaConf.create({**GYM_CONFIG, "head_server": {"host": "127.0.0.1", "port": 11000}})
+    gym_launcher.replicate(config, 3)
+    ports = [b["port"] for _, _, _, b in gym_launcher.server_blocks(config)]
+    assert sorted(ports) == [10, 11, 12, 5000, 5001, 5002, 5003, 5004, 5005]
+
+
 def test_discovery_folds_copies_into_their_agent():
     config = OmegaConf.create(GYM_CONFIG)
     gym_launcher.replicate(config, 3)

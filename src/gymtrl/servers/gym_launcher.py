@@ -134,12 +134,23 @@ def choose_prompt_ids(config, inline: bool, settings: list[str]) -> list[str]:
 COPY_SUFFIX = "__copy"  # gymtrl's discovery groups "<name>__copy<k>" under <name>
 
 
-def free_port(host: str) -> int:
+def os_free_port(host: str) -> int:
     import socket
 
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def free_port(host: str, taken: set[int]) -> int:
+    """A port free on `host` and not in `taken`, which it joins. The OS may hand a port it just gave out
+    (and that was closed again) out once more, so two copies could otherwise share one."""
+    for _ in range(1000):
+        port = os_free_port(host)
+        if port not in taken:
+            taken.add(port)
+            return port
+    raise RuntimeError(f"no free port on {host} outside the {len(taken)} already given to NeMo Gym's servers")
 
 
 def replicate(config, copies: int) -> list[str]:
@@ -150,6 +161,10 @@ def replicate(config, copies: int) -> list[str]:
     from omegaconf import OmegaConf
 
     names = sorted({name for name, *_ in server_blocks(config)})
+    taken = {int(block["port"]) for *_, block in server_blocks(config) if block.get("port")}
+    head_port = (config.get("head_server") or {}).get("port")
+    if head_port:
+        taken.add(int(head_port))
 
     def renamed(node, k: int):
         if isinstance(node, dict):
@@ -168,7 +183,7 @@ def replicate(config, copies: int) -> list[str]:
             for server_type in SERVER_TYPES:
                 for block in (copy.get(server_type) or {}).values():
                     if isinstance(block, dict) and "entrypoint" in block:
-                        block["port"] = free_port(str(block.get("host") or "127.0.0.1"))
+                        block["port"] = free_port(str(block.get("host") or "127.0.0.1"), taken)
                         block.pop("datasets", None)
             config[f"{name}{COPY_SUFFIX}{k}"] = OmegaConf.create(copy)
             added.append(f"{name}{COPY_SUFFIX}{k}")
