@@ -137,6 +137,9 @@ start_servers() {  # TAG MODEL GPU VLLM_PORT HEAD_PORT [key=value ...]
   if [ -f "/tmp/srv-$tag.json" ] && curl -sf "http://127.0.0.1:$vport/health" > /dev/null && curl -sf "http://127.0.0.1:$hport/readyz" > /dev/null; then
     note "servers $tag already up (kept from an earlier call)"; return 0
   fi
+  if kill -0 "$(cat "/tmp/srv-$tag.pid" 2>/dev/null)" 2>/dev/null; then
+    note "servers $tag already started (their holder is running)"; return 0
+  fi
   [ -f "$model/config.json" ] || { note "no model in $model"; return 1; }
   rm -f "/tmp/srv-$tag.json"
   note "starting servers $tag: $model on GPU $gpu, vLLM :$vport, Gym head :$hport"
@@ -222,11 +225,12 @@ run_stage() {  # NAME TIMEOUT cmd...
 # GPU 1; with both stages, gen05's servers start at the same time on GPU 0 (one vLLM starting per GPU: several
 # starting at once on one GPU fail their KV-cache check), unless gen15's take GPU 0: then gen05's start on GPU 1
 # once collect has stopped its own.
+gen05_servers() { start_servers 05b /tmp/model-0.5b "${1:-1}" 8000 11000 "${GEN_SO[@]}"; }  # [GPU], default 1
 case ",$stages," in
   *,collect,*gen15,*|*,gen15,*collect,*) start_servers c05 /tmp/model-0.5b 1 8002 11002;;
   *,collect,*) start_servers c05 /tmp/model-0.5b 1 8002 11002
-               case ",$stages," in *,gen05,*) start_servers 05b /tmp/model-0.5b 0 8000 11000 "${GEN_SO[@]}";; esac;;
-  *,gen05,*) start_servers 05b /tmp/model-0.5b 1 8000 11000 "${GEN_SO[@]}";;
+               case ",$stages," in *,gen05,*) gen05_servers 0;; esac;;
+  *,gen05,*) gen05_servers 1;;
 esac
 case ",$stages," in *,gen15,*) make_model 1.5b && start_servers 15b /tmp/model-1.5b 0 8001 11001 "${GEN_SO[@]}";; esac
 GEN_LABEL=${GEN_OVERRIDES:+, $GEN_OVERRIDES}
@@ -236,12 +240,12 @@ export CUDA_VISIBLE_DEVICES_TRAINER=0
 for st in ${stages//,/ }; do
   case $st in
     gen05)
-      [ -f /tmp/srv-05b.pid ] || start_servers 05b /tmp/model-0.5b 1 8000 11000 "${GEN_SO[@]}"
+      gen05_servers
       wait_servers 05b $(( $(left) - 60 )) || continue
       need 60 gen05 && run_stage gen05 "${GEN_TIMEOUT:-150}" "${GEN[@]}" --parts "${GEN_PARTS:-gen}" --vllm http://127.0.0.1:8000 --head http://127.0.0.1:11000 \
         --label "Qwen2.5-0.5B shape$GEN_LABEL" --out "$OUT/generation.md" --json-out /tmp/gen05.json ;;
     gen05-64)  # gen05's servers and paths at the 64 x 128 shape of the step comparison (gen part only)
-      [ -f /tmp/srv-05b.pid ] || start_servers 05b /tmp/model-0.5b 1 8000 11000 "${GEN_SO[@]}"
+      gen05_servers
       wait_servers 05b $(( $(left) - 40 )) || continue
       need 40 gen05-64 && run_stage gen05-64 90 python3 bench/gpu_generation.py --rounds 3 --shape 64x128 --parts gen \
         --vllm http://127.0.0.1:8000 --head http://127.0.0.1:11000 --label "Qwen2.5-0.5B shape$GEN_LABEL" \
