@@ -177,7 +177,13 @@ def run_gymtrl(a, out_dir: Path, cb):
     from gymtrl.config.load import load_config
 
     rows_path = out_dir / "rows.jsonl"
-    rows_path.write_text("".join(json.dumps(r) + "\n" for r in bench_rows()))
+    if a.turns:  # workplace_assistant, every model call held to one tool call (bench/turns_scaling.py)
+        from turns_scaling import rows as workplace_rows
+        data = workplace_rows(256, Path(a.rows) if a.rows else None, forced_tool_call=True, max_tokens=a.tokens,
+                              tools=a.tools)
+    else:
+        data = bench_rows()
+    rows_path.write_text("".join(json.dumps(r) + "\n" for r in data))
     overrides = ["vllm.launch.enabled=false", "gym.launch.enabled=false", f"data.train=[{rows_path}]",
                  f"grpo.per_device_train_batch_size={a.batch}", f"grpo.num_generations={a.gens}",
                  f"grpo.max_completion_length={a.tokens}", f"grpo.max_steps={a.steps}",
@@ -197,6 +203,30 @@ def run_gymtrl(a, out_dir: Path, cb):
     GRPOTrainer.__init__ = init
     train_mod.train(cfg)
     return None
+
+
+METRICS = {  # metrics.jsonl key -> name in the run's JSON (median over the measured steps)
+    "rollout/turns_mean": "turns_mean", "completions/mean_length": "completion_tokens_mean",
+    "rollout/model_tokens": "model_tokens", "rollout/prefix_mismatch_rate": "prefix_mismatch_rate",
+    "rollout/failure_rate": "failure_rate", "sampling/sampling_logp_difference/mean": "sampling_logp_diff_mean",
+}
+
+
+def gymtrl_metrics(out_dir: Path, warmup: int) -> dict:
+    """What gymtrl's own metrics.jsonl says of the steps measured (after the warm-up ones); tokens_per_step is
+    TRL's num_tokens (prompt + completion tokens trained on) from one step to the next."""
+    path = out_dir / "metrics.jsonl"
+    if not path.exists():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "step" in r and "loss" in r]
+    keep = [r for r in rows if r["step"] > warmup]
+    out = {name: statistics.median(r[key] for r in keep if key in r) for key, name in METRICS.items()
+           if any(key in r for r in keep)}
+    tokens = [b["num_tokens"] - a["num_tokens"] for a, b in zip(rows, rows[1:]) if b["step"] > warmup]
+    if tokens:
+        out["tokens_per_step"] = statistics.median(tokens)
+    return out
 
 
 PHASES = [  # (column, event names summed)
@@ -243,7 +273,8 @@ def cmd_run(a) -> int:
     total = time.perf_counter() - t0
     s = summarize(EVENTS, cb, a.warmup)
     s.update(side=a.side, batch=a.batch, gens=a.gens, tokens=a.tokens, steps_run=len(cb.end), concurrency=a.concurrency,
-             process_s=total, events=EVENTS)
+             process_s=total, events=EVENTS, turns=a.turns, tools=a.tools,
+             metrics=gymtrl_metrics(out_dir, a.warmup) if a.side == "gymtrl" else {})
     Path(a.json_out).write_text(json.dumps(s, indent=1))
     print(f"RESULT {a.side}: step median {s['step_s']:.3f} s over {s['n_measured']} steps; phases "
           + ", ".join(f"{k} {v:.3f}" for k, v in s["phases"].items()), flush=True)
@@ -275,7 +306,7 @@ def server_overrides(side: str, a) -> list[str]:
     return out
 
 
-def one(side: str, b: int, t: int, c: int, a, port: int, tag: str) -> dict | None:
+def one(side: str, b: int, t: int, c: int, a, port: int, tag: str, extra: tuple[str, ...] = ()) -> dict | None:
     js = Path(a.work) / f"{tag}.json"
     log = Path(a.work) / f"{tag}.log"
     if (a.gym_servers or a.plain_servers) and not (a.gym_servers if side == "gymtrl" else a.plain_servers):
@@ -283,7 +314,7 @@ def one(side: str, b: int, t: int, c: int, a, port: int, tag: str) -> dict | Non
         return None
     cmd = [sys.executable, __file__, "run", "--side", side, "--json-out", str(js), "--batch", str(b), "--gens", str(a.gens),
            "--tokens", str(t), "--steps", str(a.steps), "--warmup", str(a.warmup), "--concurrency", str(c),
-           "--group-port", str(port), "--config", a.config, "--out-dir", str(Path(a.work) / tag), *a.overrides,
+           "--group-port", str(port), "--config", a.config, "--out-dir", str(Path(a.work) / tag), *extra, *a.overrides,
            *server_overrides(side, a)]
     print(f"== {tag}: {' '.join(cmd[2:])}", flush=True)
     t0 = time.perf_counter()
@@ -383,15 +414,90 @@ def cmd_compare(a) -> int:
     return 0
 
 
+def servers_up(spec: str, wait_s: float) -> bool:
+    """Wait until the vLLM at VPORT answers /health and the Gym head at HPORT /readyz (a set that is still
+    starting while an earlier T trains)."""
+    import httpx
+
+    vport, _, hport = spec.partition(":")
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            if (httpx.get(f"http://127.0.0.1:{vport}/health", timeout=5, trust_env=False).status_code == 200
+                    and httpx.get(f"http://127.0.0.1:{hport}/readyz", timeout=5, trust_env=False).status_code == 200):
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    return False
+
+
+def cmd_turns(a) -> int:
+    """gymtrl's full step against turns per rollout: workplace_assistant, every model call held to one tool
+    call, each T on the fresh servers named in --gym-servers (in order), whose Gym runs the agent with
+    max_steps = T (scripts/device_bench.sh stage step-turns starts them)."""
+    Path(a.work).mkdir(parents=True, exist_ok=True)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    b, t, c = parse_point(a.point)
+    c = c or b
+    lines = [f"## GRPO step vs turns per rollout: {started:%Y-%m-%d %H:%M} UTC", "",
+             f"- device: {gpus()}", f"- versions: {versions('vllm', 'trl', 'transformers', 'torch', 'accelerate')}",
+             f"- config: {a.config} {' '.join(a.overrides)}", f"- command: `python bench/gpu_step_vs_trl.py {' '.join(sys.argv[1:])}`",
+             f"- task: NeMo Gym's workplace_assistant, {b} rollouts per step ({b // a.gens} prompts x {a.gens}), each model call "
+             f"held by vLLM structured outputs to one tool call of at most {t} tokens, which the resources server runs; "
+             f"the agent's max_steps = T, so a rollout is T model calls and T tool calls"
+             + (f"; each prompt keeps {a.tools} of the 27 tool schemas" if a.tools is not None else ""),
+             f"- every T on a fresh vLLM and Gym of its own ({', '.join(a.gym_servers)} as vLLM:Gym-head[@trainer GPU]), "
+             f"{a.steps} steps, the first {a.warmup} not measured", "",
+             "| turns T | step s (median) | min-max | generation + env s | training s | sync + check s | rest of "
+             "_prepare_inputs s | tokens trained a step | turns seen (mean) | prefix mismatch rate | failure rate | "
+             "step vs T=first |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    dump = {"turns": []}
+    first = None
+    specs = list(a.gym_servers)
+    for i, turns in enumerate(a.turns):
+        if i >= len(specs):
+            lines.append(f"| {turns} | no server set left for it | | | | | | | | | | |")
+            continue
+        a.gym_servers = [specs[i].partition("@")[0]]  # VPORT:HPORT[@GPU]: GPU, the trainer's for this T
+        a.gymtrl_gpu = specs[i].partition("@")[2] or a.gymtrl_gpu
+        if a.wait_s and not servers_up(a.gym_servers[0], a.wait_s):
+            lines.append(f"| {turns} | its servers {a.gym_servers[0]} were not up within {a.wait_s:g} s | | | | | | | | | | |")
+            dump["turns"].append({"turns": turns, "gymtrl": None})
+            continue
+        extra = ("--turns", str(turns), *(("--rows", a.rows) if a.rows else ()),
+                 *(("--tools", str(a.tools)) if a.tools is not None else ()))
+        g = one("gymtrl", b, t, c, a, a.group_port + 1 + i, f"gymtrl-turns{turns}-{b}x{t}", extra)
+        dump["turns"].append({"turns": turns, "gymtrl": g})
+        if not g:
+            lines.append(f"| {turns} | FAILED | | | | | | | | | | |")
+            flush(a, lines, dump)
+            continue
+        first = first or g
+        ph, m = g["phases"], g.get("metrics", {})
+        sync = ph["weight sync (TRL sync_weights)"] + ph["gymtrl sync check"]
+        fmt = lambda k, f: format(m[k], f) if k in m else "n/a"  # noqa: E731
+        lines.append(f"| {turns} | {g['step_s']:.3f} | {g['step_min_s']:.3f}-{g['step_max_s']:.3f} | "
+                     f"{ph['generation (+env for gymtrl)']:.3f} | {ph['training (loss, backward, optimizer, logging)']:.3f} | "
+                     f"{sync:.3f} | {ph['rest of _prepare_inputs (tokenise, old logprobs, advantages)']:.3f} | "
+                     f"{fmt('tokens_per_step', ',.0f')} | {fmt('turns_mean', '.2f')} | {fmt('prefix_mismatch_rate', '.3f')} | "
+                     f"{fmt('failure_rate', '.3f')} | {g['step_s'] / first['step_s']:.2f}x |")
+        flush(a, lines, dump)
+    lines.append("")
+    flush(a, lines, dump)
+    print("\n".join(lines), flush=True)
+    return 0 if len(dump["turns"]) == len(a.turns) and all(x["gymtrl"] for x in dump["turns"]) else 1
+
+
 def flush(a, lines, dump):
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text("\n".join(lines) + "\n")
     if a.json_out:
         slim = json.loads(json.dumps(dump))
-        for grp in slim["pairs"] + slim["scaling"]:
+        for grp in slim.get("pairs", []) + slim.get("scaling", []) + slim.get("turns", []):
             for r in grp.values():
-                if r:
+                if isinstance(r, dict):
                     r.pop("events", None)
         Path(a.json_out).write_text(json.dumps(slim, indent=1))
 
@@ -429,12 +535,30 @@ def main(argv=None) -> int:
     c.add_argument("--plain-servers", nargs="*", default=[], help="VPORT, one fresh vLLM per TRL run")
     c.add_argument("--gymtrl-gpu", default=None, help="CUDA_VISIBLE_DEVICES of the gymtrl trainer")
     c.add_argument("--trl-gpu", default=None, help="CUDA_VISIBLE_DEVICES of the TRL trainer")
+    tu = sub.add_parser("turns", help="gymtrl's step vs turns per rollout on workplace_assistant (one fresh server set per T)")
+    tu.add_argument("--turns", type=int, nargs="+", default=[1, 2, 3])
+    tu.add_argument("--point", default="64x128", help="BxT[@C]: rollouts per step, most tokens a model call")
+    tu.add_argument("--work", default="/tmp/bench-step")
+    tu.add_argument("--out", default=None)
+    tu.add_argument("--json-out", default=None)
+    tu.add_argument("--run-timeout", type=float, default=300)
+    tu.add_argument("--wait-s", type=float, default=0, help="wait this long for each T's servers to come up")
+    tu.add_argument("--gym-servers", nargs="+", required=True,
+                    help="VPORT:HPORT[@GPU] per T, in order (Gym's max_steps = that T; GPU: the trainer's)")
+    tu.add_argument("--plain-servers", nargs="*", default=[])
+    tu.add_argument("--gymtrl-gpu", default=None, help="CUDA_VISIBLE_DEVICES of the trainer")
+    tu.add_argument("--trl-gpu", default=None)
     tb = sub.add_parser("table", help="one pair's table from a gymtrl and a TRL `run` JSON of separate calls")
     tb.add_argument("--gymtrl", required=True)
     tb.add_argument("--trl", required=True)
     tb.add_argument("--gymtrl-note", default="", help="where and when the gymtrl run was measured")
     tb.add_argument("--trl-note", default="", help="where and when the TRL run was measured")
-    for p in (r, c):
+    for p in (r, tu):
+        p.add_argument("--rows", default=None, help="workplace_assistant rows (default: NeMo Gym's example.jsonl)")
+        p.add_argument("--tools", type=int, default=None, help="keep this many of the rows' 27 tool schemas")
+    r.add_argument("--turns", type=int, default=0, help="workplace_assistant rows with forced tool calls (the servers' "
+                   "Gym runs the agent with max_steps = this); 0: digit_reply")
+    for p in (r, c, tu):
         p.add_argument("--config", default=str(CONFIG))
         p.add_argument("--gens", type=int, default=8)
         p.add_argument("--steps", type=int, default=8)
@@ -446,7 +570,7 @@ def main(argv=None) -> int:
     r.add_argument("--tokens", type=int, default=128)
     r.add_argument("--concurrency", type=int, default=256)
     a = ap.parse_args(argv)
-    return {"run": cmd_run, "compare": cmd_compare, "table": cmd_table}[a.cmd](a)
+    return {"run": cmd_run, "compare": cmd_compare, "table": cmd_table, "turns": cmd_turns}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -67,15 +67,23 @@ def cpu_seconds(pids: list[int]) -> float:
 
 
 # One tool call, written as the Qwen2.5 template renders it back (so histories re-render to the same tokens).
-FORCED_TOOL_CALL = (r'<tool_call>\n\{"name": "company_directory_find_email_address", "arguments": '
+FORCED_TOOL = "company_directory_find_email_address"
+FORCED_TOOL_CALL = (r'<tool_call>\n\{"name": "' + FORCED_TOOL + r'", "arguments": '
                     r'\{"name": "[a-z]{1,12}"\}\}\n</tool_call>')
 
 
-def rows(n: int, rows_file: Path | None = None, forced_tool_call: bool = False, max_tokens: int = 64) -> list[dict]:
+def rows(n: int, rows_file: Path | None = None, forced_tool_call: bool = False, max_tokens: int = 64,
+         tools: int | None = None) -> list[dict]:
+    """n workplace_assistant rows, cycled; `tools`: keep only that many of the 27 tool schemas (the forced
+    call's tool first), which sets the prompt's length."""
     site = rows_file or Path(os.environ["GYMTRL_GYM_SITE"]) / "resources_servers/workplace_assistant/data/example.jsonl"
     base = [json.loads(line) for line in site.read_text().split("\n") if line.strip()]
     for row in base:
         row["agent_ref"] = {"type": "responses_api_agents", "name": AGENT}
+        if tools is not None:
+            schemas = row["responses_create_params"]["tools"]
+            schemas.sort(key=lambda t: t["name"] != FORCED_TOOL)  # stable: the forced call's tool first
+            del schemas[tools:]
         if forced_tool_call:
             params = row["responses_create_params"]
             params.update(max_output_tokens=max_tokens, temperature=1.0,
@@ -124,7 +132,8 @@ def measure(tmp: Path, turns: int, args) -> dict:
             backend = stack.enter_context(Backend(tmp, f"backend-t{turns}", args.hold_ms, "--tool-turns", str(turns)))
             path = write_config(tmp, backend.port, head_port, n, WORKPLACE_CONFIG, copies=args.copies)
             batch_kw = {}
-        make_rows = functools.partial(rows, rows_file=args.rows, forced_tool_call=bool(args.vllm), max_tokens=args.max_tokens)
+        make_rows = functools.partial(rows, rows_file=args.rows, forced_tool_call=bool(args.vllm), max_tokens=args.max_tokens,
+                                      tools=args.tools)
         cfg = load_config(path)
         gym = ManagedProcess("NeMo Gym servers", gym_command(cfg, tmp / f"gym-logs-t{turns}"), tmp / f"gym-t{turns}.log",
                              env=dict(cfg.gym.launch.env))  # as gymtrl's ServerStack starts it
@@ -167,7 +176,8 @@ def report(args, results: list[dict]) -> str:
         f"{versions()}.",
         "NeMo Gym's workplace_assistant (simple_agent, vllm_model in training mode, the resources server running "
         f"each tool call, {args.copies} cop{'y' if args.copies == 1 else 'ies'} of each server) and gymtrl's rollout engine; "
-        f"{source}. Each row: {args.repeats} batch(es) of {args.rollouts} rollouts, all in flight at once.",
+        f"{source}. Each row: {args.repeats} batch(es) of {args.rollouts} rollouts, all in flight at once"
+        + (f"; each prompt keeps {args.tools} of the 27 tool schemas." if args.tools is not None else "."),
         "",
         "| turns (model calls) per rollout | rollouts | failed | every rollout had T calls | batch wall s (median) | "
         "model calls / s | model tokens / s | tokens a rollout (prompt + completion) | gymtrl CPU ms / call | "
@@ -207,6 +217,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64, help="with --vllm: most tokens a model call")
     parser.add_argument("--copies", type=int, default=1, help="gym.launch.copies")
     parser.add_argument("--rows", type=Path, default=None, help="workplace_assistant rows (default: NeMo Gym's example.jsonl)")
+    parser.add_argument("--tools", type=int, default=None, help="keep this many of the rows' 27 tool schemas")
     parser.add_argument("--gym-pythonpath", default=None, help="with --vllm: PYTHONPATH of Gym's python (the GPU bundle's)")
     parser.add_argument("--device", default="", help="with --vllm: the device, for the report")
     parser.add_argument("--out", type=Path, default=REPO / "bench/results/turns_scaling.md")

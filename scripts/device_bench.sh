@@ -37,7 +37,13 @@
 #   one-gpu-apiN[-copiesC]  one GPU: the gen05 measurement on GPU 0 with vLLM --api-server-count N and
 #            gym.launch.copies C (servers started, measured, stopped; one variant after another) -> $OUT/generation.md
 #   turns    bench/turns_scaling.py --vllm: the rollout phase vs turns per rollout (TURNS, default "1 2 3"; TURNS_ROLLOUTS
-#            rollouts, default 128) on workplace_assistant with real generation, vLLM on GPU 1 (:8012)  -> $OUT/turns.md
+#            rollouts, default 128) on workplace_assistant with real generation, vLLM on GPU 0 at 0.3 of it (:8012)
+#            -> $OUT/turns.md
+#   step-turns  gymtrl's full GRPO step vs turns per rollout (bench/gpu_step_vs_trl.py turns): workplace_assistant, every
+#            model call held to one tool call, STEP_TURNS_TOOLS of the 27 tool schemas (default 1: the prompts stay short
+#            enough to train 64 at a step), STEP_TURNS_POINT (default 64x128); one fresh vLLM + Gym per T on GPU 1
+#            (:8021../:11021.., 0.25 of it each, started one after another from the start of the call), the trainer
+#            on GPU 0 -> $OUT/step-turns.md
 #   stop     stops every server this script started
 # STEP_OVERRIDES="key=value ..." (pairs, pairs-api2): gymtrl-side settings for its servers and trainer, e.g.
 #            sync.strategy=broadcast (bench-gpu.yaml names TRL's nccl, so both sides sync alike by default);
@@ -103,6 +109,7 @@ fi
 . /tmp/site/env.sh
 unpack_extra || exit 3
 make_model 0.5b || exit 4
+for m in /tmp/model-0.5b /tmp/model-1.5b; do trl_template "$m" || exit 4; done
 # gymtrl: the src/ that travelled with this call (the device's git metadata may be older than the tree that
 # was sent: it named the landed commit while the tree held later local commits), with a digest of it so a
 # result can be matched to its code. GYMTRL_BENCH_SRC=head: src/ of the device's git HEAD instead.
@@ -176,7 +183,7 @@ stop_relay() { [ -f /tmp/relay.pid ] && kill -TERM -- "-$(cat /tmp/relay.pid)" 2
 
 collect_logs() {
   rm -rf /tmp/pack && mkdir -p /tmp/pack
-  for tag in 05b 15b c05 tw g0 g1 g2 g3 t0 t1 A B C D E F G H I J; do
+  for tag in 05b 15b c05 tw u1 u2 u3 u4 g0 g1 g2 g3 t0 t1 A B C D E F G H I J; do
     [ -d /tmp/srv-$tag/logs ] || continue
     mkdir -p /tmp/pack/srv-$tag
     { head -c 12000 /tmp/srv-$tag/logs/vllm.log; echo; echo "[... middle cut ...]"; tail -c 12000 /tmp/srv-$tag/logs/vllm.log; } > /tmp/pack/srv-$tag/vllm.log 2>/dev/null
@@ -232,6 +239,23 @@ case ",$stages," in
                case ",$stages," in *,gen05,*) gen05_servers 0;; esac;;
   *,gen05,*) gen05_servers 1;;
 esac
+# turns and step-turns: workplace_assistant with every model call held to one tool call (see those stages)
+read -ra turn_list <<< "${TURNS:-1 2 3}"
+WORKPLACE='gym.launch.config_paths=[responses_api_models/vllm_model/configs/vllm_model_for_training.yaml,resources_servers/workplace_assistant/configs/workplace_assistant.yaml]'
+tw_servers() { start_servers tw /tmp/model-0.5b 0 8012 11012 vllm.max_model_len=16384 'vllm.launch.extra_args=[--gpu-memory-utilization,"0.3"]'; }
+start_turn_servers() {  # step-turns: servers u1, u2, .. on GPU 1 (vLLM :8021.., Gym :11021..), Gym's agent at max_steps = T,
+  # each started once the one before is up (several vLLMs starting at once on one GPU fail their KV-cache check)
+  local i=0 t
+  for t in "${turn_list[@]}"; do
+    i=$((i + 1))
+    start_servers "u$i" /tmp/model-0.5b 1 $((8020 + i)) $((11020 + i)) "$WORKPLACE" gym.launch.copies=4 \
+      "gym.launch.overrides={workplace_assistant_simple_agent.responses_api_agents.simple_agent.max_steps: $t}" \
+      'vllm.launch.extra_args=[--gpu-memory-utilization,"0.25"]' "${STEP_SO[@]}" || return 1
+    wait_servers "u$i" $(( $(left) - 60 )) || return 1
+  done
+}
+case ",$stages," in *,turns,*) tw_servers;; esac  # on GPU 0, beside u1 on GPU 1
+case ",$stages," in *,step-turns,*) start_turn_servers > /dev/null 2>&1 & ;; esac
 case ",$stages," in *,gen15,*) make_model 1.5b && start_servers 15b /tmp/model-1.5b 0 8001 11001 "${GEN_SO[@]}";; esac
 GEN_LABEL=${GEN_OVERRIDES:+, $GEN_OVERRIDES}
 GEN=(python3 bench/gpu_generation.py --rounds 3 --shape 256x256 --inflight "${GEN_INFLIGHT:-32,64,128}")
@@ -305,15 +329,26 @@ for st in ${stages//,/ }; do
       stop_servers "$v" ;;
     turns)  # the rollout phase vs turns per rollout with real generation: workplace_assistant, every model call held to
             # a tool call, the agent's max_steps = T (bench/turns_scaling.py --vllm), Gym 4 copies, on a vLLM of its own
-      read -ra turn_list <<< "${TURNS:-1 2 3}"
-      start_servers tw /tmp/model-0.5b 1 8012 11012 vllm.max_model_len=16384
+      tw_servers
       wait_servers tw $(( $(left) - 60 )) || continue
       need 60 turns && run_stage turns "${TURNS_TIMEOUT:-240}" python3 bench/turns_scaling.py --vllm http://127.0.0.1:8012 \
         --turns "${turn_list[@]}" --rollouts "${TURNS_ROLLOUTS:-128}" --repeats 3 --max-tokens 96 --copies 4 \
         --gym-pythonpath "$GYM_PYTHONPATH" --rows /tmp/bench-data/rows/workplace_assistant/example.jsonl --device "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" \
         --out "$OUT/turns.md"
       stop_servers tw ;;
+    step-turns)  # gymtrl's full step vs turns per rollout (bench/gpu_step_vs_trl.py turns) on the u1.. servers that
+                 # start_turn_servers started, the trainer on GPU 0
+      specs=(); i=0
+      for _ in "${turn_list[@]}"; do i=$((i + 1)); specs+=("$((8020 + i)):$((11020 + i))@0"); done
+      wait_servers u1 $(( $(left) - 100 )) || continue
+      need 100 step-turns && run_stage step-turns $(( $(left) - 20 )) python3 bench/gpu_step_vs_trl.py turns \
+        --turns "${turn_list[@]}" --point "${STEP_TURNS_POINT:-64x128}" --tools "${STEP_TURNS_TOOLS:-1}" \
+        --rows /tmp/bench-data/rows/workplace_assistant/example.jsonl --gym-servers "${specs[@]}" --steps 8 --warmup 2 \
+        --run-timeout 150 --wait-s 240 --group-port 51300 --work /tmp/bench-step --out "$OUT/step-turns.md" --json-out "$OUT/step-turns.json" \
+        model.name_or_path=/tmp/model-0.5b grpo.per_device_train_batch_size=16 grpo.gradient_accumulation_steps=4 \
+        "${STEP_SO[@]}"
+      i=0; for _ in "${turn_list[@]}"; do i=$((i + 1)); stop_servers "u$i"; done ;;
     stop)
-      stop_relay; for tg in 15b 05b c05 tw g0 g1 g2 g3 t0 t1 A B C D E F G H I J; do stop_servers $tg; done ;;
+      stop_relay; for tg in 15b 05b c05 tw u1 u2 u3 u4 g0 g1 g2 g3 t0 t1 A B C D E F G H I J; do stop_servers $tg; done ;;
   esac
 done

@@ -21,3 +21,23 @@ make_model() {  # SHAPE (0.5b|1.5b): a random-weight model of Qwen2.5's shape in
   fi
   note "model $dir built in $((SECONDS - t0)) s"
 }
+
+trl_template() {  # DIR: TRL's Qwen2.5 chat template on a model that make_model built before TRL was installed
+  # (prep runs before the bundle's second part lands, so make_tiny_qwen.py fell back to a minimal template
+  # that drops the tools and renders tool calls as plain text: a tool environment's prompts were 30x short)
+  local dir=$1
+  [ -f "$dir/config.json" ] || return 0
+  [ -f "$dir/.trl-template" ] && return 0
+  python3 - "$dir" <<'PY' || { note "TRL's chat template could not be set on $dir"; return 1; }
+import sys
+from pathlib import Path
+
+import trl
+from transformers import AutoTokenizer
+
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+tok.chat_template = (Path(trl.__file__).parent / "chat_templates" / "qwen2_5.jinja").read_text()
+tok.save_pretrained(sys.argv[1])
+PY
+  touch "$dir/.trl-template" && note "$dir: TRL's Qwen2.5 chat template set"
+}

@@ -60,6 +60,7 @@ fi
 . /tmp/site/env.sh
 unpack_extra || exit 3
 make_model 0.5b || exit 4
+for m in /tmp/model-0.5b /tmp/model-1.5b; do trl_template "$m" || exit 4; done
 export PYTHONPATH="$PWD/src:$PYTHONPATH:/tmp/extra"  # the bundle's versions win over the extras
 # PATCH=file.diff: a proposed change to src/, applied to the device's copy of the tree only.
 if [ -n "${PATCH:-}" ]; then
