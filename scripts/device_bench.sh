@@ -243,19 +243,21 @@ esac
 read -ra turn_list <<< "${TURNS:-1 2 3}"
 WORKPLACE='gym.launch.config_paths=[responses_api_models/vllm_model/configs/vllm_model_for_training.yaml,resources_servers/workplace_assistant/configs/workplace_assistant.yaml]'
 tw_servers() { start_servers tw /tmp/model-0.5b 0 8012 11012 vllm.max_model_len=16384 'vllm.launch.extra_args=[--gpu-memory-utilization,"0.3"]'; }
-start_turn_servers() {  # step-turns: servers u1, u2, .. on GPU 1 (vLLM :8021.., Gym :11021..), Gym's agent at max_steps = T,
-  # each started once the one before is up (several vLLMs starting at once on one GPU fail their KV-cache check)
-  local i=0 t
-  for t in "${turn_list[@]}"; do
-    i=$((i + 1))
-    start_servers "u$i" /tmp/model-0.5b 1 $((8020 + i)) $((11020 + i)) "$WORKPLACE" gym.launch.copies=4 \
-      "gym.launch.overrides={workplace_assistant_simple_agent.responses_api_agents.simple_agent.max_steps: $t}" \
-      'vllm.launch.extra_args=[--gpu-memory-utilization,"0.25"]' "${STEP_SO[@]}" || return 1
-    wait_servers "u$i" $(( $(left) - 60 )) || return 1
+turn_servers() {  # I: servers uI for the I-th of TURNS on GPU 1 (vLLM :802I, Gym :1102I), Gym's agent at max_steps = T
+  local t=${turn_list[$(($1 - 1))]}
+  start_servers "u$1" /tmp/model-0.5b 1 $((8020 + $1)) $((11020 + $1)) "$WORKPLACE" gym.launch.copies=4 \
+    "gym.launch.overrides={workplace_assistant_simple_agent.responses_api_agents.simple_agent.max_steps: $t}" \
+    'vllm.launch.extra_args=[--gpu-memory-utilization,"0.25"]' "${STEP_SO[@]}"
+}
+later_turn_servers() {  # u2, u3, ..: each started once the one before is up (several vLLMs starting at once on one
+  # GPU fail their KV-cache check)
+  local i
+  for ((i = 2; i <= ${#turn_list[@]}; i++)); do
+    wait_servers "u$((i - 1))" $(( $(left) - 60 )) && turn_servers "$i" || return 1
   done
 }
 case ",$stages," in *,turns,*) tw_servers;; esac  # on GPU 0, beside u1 on GPU 1
-case ",$stages," in *,step-turns,*) start_turn_servers > /dev/null 2>&1 & ;; esac
+case ",$stages," in *,step-turns,*) turn_servers 1 && { later_turn_servers > /dev/null 2>&1 & };; esac
 case ",$stages," in *,gen15,*) make_model 1.5b && start_servers 15b /tmp/model-1.5b 0 8001 11001 "${GEN_SO[@]}";; esac
 GEN_LABEL=${GEN_OVERRIDES:+, $GEN_OVERRIDES}
 GEN=(python3 bench/gpu_generation.py --rounds 3 --shape 256x256 --inflight "${GEN_INFLIGHT:-32,64,128}")
