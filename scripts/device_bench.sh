@@ -339,7 +339,7 @@ for st in ${stages//,/ }; do
         --out "$OUT/turns.md"
       stop_servers tw ;;
     step-turns)  # gymtrl's full step vs turns per rollout (bench/gpu_step_vs_trl.py turns) on the u1.. servers that
-                 # start_turn_servers started, the trainer on GPU 0
+                 # turn_servers and later_turn_servers started, the trainer on GPU 0
       specs=(); i=0
       for _ in "${turn_list[@]}"; do i=$((i + 1)); specs+=("$((8020 + i)):$((11020 + i))@0"); done
       wait_servers u1 $(( $(left) - 100 )) || continue
