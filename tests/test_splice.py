@@ -96,6 +96,9 @@ def test_turns_chain_each_on_the_last(tok):
     (lambda m: m[1]["tool_calls"][0]["function"].update(name="other_tool"), "history_edited"),
     (lambda m: m[1].update(generation_token_ids="12 13"), "malformed_token_ids"),
     (lambda m: m[1].update(prompt_token_ids=[]), "malformed_token_ids"),
+    (lambda m: m[1].update(prompt_token_ids=m[1]["prompt_token_ids"] + [-1]), "malformed_token_ids"),
+    (lambda m: m[1].update(generation_token_ids=[True, 12]), "malformed_token_ids"),
+    (lambda m: m[1].update(generation_token_ids=[12.0]), "malformed_token_ids"),
     (lambda m: m.extend([{"role": "assistant", "content": "x", "prompt_token_ids": [5], "generation_token_ids": [6]},
                          {"role": "user", "content": "y"}]), "inconsistent_history_ids"),
 ])
@@ -122,6 +125,13 @@ def test_a_template_that_writes_after_the_last_special_token_is_refused(tok):
 
 def test_requests_without_token_ids_are_left_alone():
     assert find_anchor([USER, {"role": "assistant", "content": "hi"}, USER]) is None
+
+
+def test_plain_copies_id_lists_and_leaves_no_model_or_iterator_inside():
+    ids = list(range(5000))
+    messages = plain(({"role": "assistant", "prompt_token_ids": ids, "tool_calls": (iter([{"function": {"name": "f"}}]),)},))
+    assert messages[0]["prompt_token_ids"] == ids and messages[0]["prompt_token_ids"] is not ids
+    assert messages == [{"role": "assistant", "prompt_token_ids": ids, "tool_calls": [[{"function": {"name": "f"}}]]}]
 
 
 def test_one_shot_iterators_are_materialised_once():
