@@ -7,6 +7,9 @@ batch and with the rollouts in flight.
                                      --steps 8 --concurrency 256 --group-port 51216] [gymtrl key=value ...]
     # the comparison and the scaling points, each run as `run` in a subprocess, and the Markdown table
     python bench/gpu_step_vs_trl.py compare --points 64x128 [--scaling 16x128 256x128 256x128@32] --out FILE.md
+    # gymtrl's step vs turns per rollout on workplace_assistant (each T on servers whose Gym agent has max_steps T)
+    python bench/gpu_step_vs_trl.py turns --turns 1 2 3 --gym-servers 8021:11021@0 8022:11022@0 8023:11023@0 \
+                                     [--point 64x128 --tools 1 --rows ROWS --wait-s 240] [gymtrl key=value ...]
 
 Servers: already running (bench/gpu_servers.py, from configs/bench-gpu.yaml: vLLM on GPU 1 with the
 NCCL weight-transfer config, NeMo Gym's digit_reply). Both trainers run on the GPU they are given
@@ -24,6 +27,13 @@ sync; each run joins the server with its own NCCL group port).
   request per step with the unique prompts and n = num_generations.
 Same GRPOConfig on both sides where gymtrl sets its own defaults (logging_steps 1, save "no",
 mask_truncated_completions False, bf16, model dtype bf16, lr, temperature 1, seed).
+
+- turns (gymtrl only): NeMo Gym's workplace_assistant rows, every model call held to one tool call by
+  vLLM structured outputs (bench/turns_scaling.py's rows; --tools keeps that many of the 27 tool
+  schemas, which sets the prompt's length), on the servers given for each T, whose Gym runs the agent
+  with max_steps = T (scripts/device_bench.sh stage step-turns starts them). The run's JSON also
+  carries what gymtrl's metrics.jsonl says of the measured steps (turns, tokens trained, prefix
+  mismatches, failures).
 
 Per step (median over the steps after the first --warmup ones): the wall time between two step ends,
 and its phases, from TRL's own profiler blocks plus timers wrapped around gymtrl's rollout engine and
