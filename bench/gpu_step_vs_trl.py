@@ -427,17 +427,13 @@ def cmd_compare(a) -> int:
 def servers_up(spec: str, wait_s: float) -> bool:
     """Wait until the vLLM at VPORT answers /health and the Gym head at HPORT /readyz (a set that is still
     starting while an earlier T trains)."""
-    import httpx
+    from gymtrl.servers.process import http_ok
 
     vport, _, hport = spec.partition(":")
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
-        try:
-            if (httpx.get(f"http://127.0.0.1:{vport}/health", timeout=5, trust_env=False).status_code == 200
-                    and httpx.get(f"http://127.0.0.1:{hport}/readyz", timeout=5, trust_env=False).status_code == 200):
-                return True
-        except httpx.HTTPError:
-            pass
+        if http_ok(f"http://127.0.0.1:{vport}/health") and http_ok(f"http://127.0.0.1:{hport}/readyz"):
+            return True
         time.sleep(2)
     return False
 
