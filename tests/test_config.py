@@ -93,28 +93,6 @@ def test_shipped_gpu_configs_are_valid(monkeypatch, name, strategy, vllm_gpu):
     assert cfg.sync.strategy == strategy and cfg.vllm.launch.env["CUDA_VISIBLE_DEVICES"] == vllm_gpu
 
 
-def test_readme_config_reference_lists_every_key():
-    """The README's reference table is written by hand; this keeps it from drifting from the schema."""
-    import dataclasses
-    from pathlib import Path
-
-    from gymtrl.config.schema import Config
-
-    readme = Path(__file__).resolve().parents[1].joinpath("README.md").read_text()
-
-    def keys(cls, prefix=""):
-        for f in dataclasses.fields(cls):
-            value = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
-            if dataclasses.is_dataclass(value):
-                yield from keys(type(value), f"{prefix}{f.name}.")
-            else:
-                yield prefix, f.name
-
-    missing = [p + n for p, n in keys(Config) if f"`{p}{n}`" not in readme and f".{n}`" not in readme
-               and f"`{p}{n}" not in readme and p + n != "grpo"]
-    assert not missing, f"README config reference lacks: {missing}"
-
-
 def test_yaml_boolean_words_mean_what_the_field_needs(tmp_path):
     """YAML 1.1 reads `no` as False: `save_strategy: no` must still mean the word, and a boolean
     field must still take `no` as False, in the file and on the command line alike."""
