@@ -1,5 +1,5 @@
 """Wrap a method so that each call's duration is reported: how the GPU benchmarks time TRL's and
-gymtrl's phases without changing either (bench/gpu_step_vs_trl.py, scripts/device_train.sh)."""
+gymtrl's phases without changing either (bench/gpu_step_vs_trl.py, bench/device/device_train.sh)."""
 
 from __future__ import annotations
 

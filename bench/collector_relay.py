@@ -15,7 +15,7 @@ servers and without touching them:
      `ng_collect_rollouts +head_server.port=<port>` finds the agent's environment server.
 Prints `RELAY READY <relay url>` and stays up until SIGTERM/SIGINT.
 `--legacy-dir`: the folder holding legacy_agent's app.py, when the Gym install lacks it (the GPU
-bundle's pruned install does; scripts/device_bench.sh carries a copy from the CPU Gym venv).
+bundle's pruned install does; bench/device/device_bench.sh carries a copy from the CPU Gym venv).
 """
 
 import argparse

@@ -57,7 +57,7 @@ from device_info import gpus, versions  # bench/device_info.py (this script's fo
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
-# GYMTRL_BENCH_SRC: the gymtrl src/ to run (scripts/device_bench.sh sets it)
+# GYMTRL_BENCH_SRC: the gymtrl src/ to run (bench/device/device_bench.sh sets it)
 sys.path.insert(0, os.environ.get("GYMTRL_BENCH_SRC") or str(REPO / "src"))
 
 from gymtrl.gym.discovery import discover  # noqa: E402

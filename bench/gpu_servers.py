@@ -7,7 +7,7 @@ Starts gymtrl's ServerStack (vLLM with the NCCL weight-transfer config and gymtr
 plugin, NeMo Gym's head server + simple_agent + vllm_model + digit_reply through gymtrl's
 gym_launcher), waits until both are healthy, writes --ready-file (URLs, pids, seconds to start) and
 then stays up until SIGTERM/SIGINT, when it stops both. Start it with `setsid` so that it outlives
-the shell that started it (scripts/device_bench.sh does).
+the shell that started it (bench/device/device_bench.sh does).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# GYMTRL_BENCH_SRC: the gymtrl src/ to run (scripts/device_bench.sh sets it)
+# GYMTRL_BENCH_SRC: the gymtrl src/ to run (bench/device/device_bench.sh sets it)
 sys.path.insert(0, os.environ.get("GYMTRL_BENCH_SRC") or str(REPO / "src"))
 
 

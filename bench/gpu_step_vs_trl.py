@@ -31,7 +31,7 @@ mask_truncated_completions False, bf16, model dtype bf16, lr, temperature 1, see
 - turns (gymtrl only): NeMo Gym's workplace_assistant rows, every model call held to one tool call by
   vLLM structured outputs (bench/turns_scaling.py's rows; --tools keeps that many of the 27 tool
   schemas, which sets the prompt's length), on the servers given for each T, whose Gym runs the agent
-  with max_steps = T (scripts/device_bench.sh stage step-turns starts them). The run's JSON also
+  with max_steps = T (bench/device/device_bench.sh stage step-turns starts them). The run's JSON also
   carries what gymtrl's metrics.jsonl says of the measured steps (turns, tokens trained, prefix
   mismatches, failures).
 
@@ -61,7 +61,7 @@ from device_info import gpus, versions  # bench/device_info.py (this script's fo
 from call_timer import time_calls  # bench/call_timer.py
 
 REPO = Path(__file__).resolve().parents[1]
-# GYMTRL_BENCH_SRC: the gymtrl src/ to run (scripts/device_bench.sh sets it)
+# GYMTRL_BENCH_SRC: the gymtrl src/ to run (bench/device/device_bench.sh sets it)
 sys.path.insert(0, os.environ.get("GYMTRL_BENCH_SRC") or str(REPO / "src"))
 
 ROWS = REPO / "src/gymtrl/envs/resources_servers/digit_reply/data/train.jsonl"
@@ -441,7 +441,7 @@ def servers_up(spec: str, wait_s: float) -> bool:
 def cmd_turns(a) -> int:
     """gymtrl's full step against turns per rollout: workplace_assistant, every model call held to one tool
     call, each T on the fresh servers named in --gym-servers (in order), whose Gym runs the agent with
-    max_steps = T (scripts/device_bench.sh stage step-turns starts them)."""
+    max_steps = T (bench/device/device_bench.sh stage step-turns starts them)."""
     Path(a.work).mkdir(parents=True, exist_ok=True)
     started = datetime.datetime.now(datetime.timezone.utc)
     b, t, c = parse_point(a.point)

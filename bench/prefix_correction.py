@@ -9,9 +9,9 @@ and example_multi_step), one with the plugin on and one with it off, runs the sa
 both with gymtrl's rollout engine, and reports per environment the multi-turn episodes and the
 share that failed the prefix check. Then it times chat `/tokenize` on both servers with the
 same later-turn requests (taken from the corrected episodes): the plugin's cost per request.
-The model must call tools (scripts/teach_tool_calls.py), or no episode has a second turn.
+The model must call tools (tests/teach_tool_calls.py), or no episode has a second turn.
 Writes a Markdown table to --out (default bench/results/prefix_correction.md) and prints it.
-On the GPU machine: bench/device_prefix_correction.sh.
+On the GPU machine: bench/device/device_prefix_correction.sh.
 """
 
 from __future__ import annotations

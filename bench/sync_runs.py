@@ -1,4 +1,4 @@
-"""Tables of `gymtrl train` runs side by side, from the folders scripts/device_train.sh brings back
+"""Tables of `gymtrl train` runs side by side, from the folders bench/device/device_train.sh brings back
 (metrics.jsonl, and profile.jsonl with TRL's timed blocks): sync and step medians, where each
 sync's time goes, and every run's verify result.
 

@@ -8,7 +8,7 @@ in training mode, launched as `gymtrl train` launches them. Generation is FakeFa
 --hold-ms, the first T - 1 calls of a conversation with a tool call (company_directory_find_email_address,
 which the resources server really runs), with prompt token ids that extend the previous call's as a
 real server's do. So this measures the CPU side of a turn: gymtrl's client and stitching, NeMo Gym's
-agent, model and resources servers; not generation (that is the GPU's, measured by scripts/device_bench.sh).
+agent, model and resources servers; not generation (that is the GPU's, measured by bench/device/device_bench.sh).
 
 For each T: a fresh backend and Gym, a warm-up batch, then --repeats batches of --rollouts rollouts,
 all in flight at once: every rollout must come back with T model calls and no failure. Reported: wall
@@ -16,7 +16,7 @@ time per batch, model calls per second, and CPU milliseconds per model call in g
 Gym's processes. Writes bench/results/turns_scaling.md.
 
 With --vllm URL (a real vLLM serving with gymtrl's launch flags, hermes tool parser included; on the GPU
-machine, scripts/device_bench.sh stage `turns`): real generation instead of the fake. A random model
+machine, bench/device/device_bench.sh stage `turns`): real generation instead of the fake. A random model
 never calls a tool by itself, so every model call is held to one well-formed tool call by vLLM's
 structured outputs (a regex in each row's metadata.extra_body, which NeMo Gym's vllm_model forwards),
 and the agent's max_steps is set to T: each rollout is exactly T model calls, each followed by the

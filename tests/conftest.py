@@ -55,7 +55,7 @@ def taught_model(tiny_model, gym_site, tmp_path_factory) -> Path:
     """The tiny model after a short SFT on the Hermes tool-call format, on the rows of both tool
     environments (example_multi_step, workplace_assistant): it calls tools, so episodes have turns."""
     out = tmp_path_factory.mktemp("taught") / "model"
-    subprocess.run([sys.executable, str(REPO / "scripts/teach_tool_calls.py"), str(tiny_model), str(out),
+    subprocess.run([sys.executable, str(REPO / "tests/teach_tool_calls.py"), str(tiny_model), str(out),
                     "--rows", str(gym_site / "resources_servers/example_multi_step/data/example.jsonl"),
                     "--rows", str(gym_site / "resources_servers/workplace_assistant/data/example.jsonl"),
                     "--steps", "300"], check=True, capture_output=True)

@@ -1,4 +1,4 @@
-# Shared by the device scripts (scripts/device_train.sh, scripts/device_bench.sh), sourced from the
+# Shared by the device scripts (bench/device/device_train.sh, bench/device/device_bench.sh), sourced from the
 # repository root on the lent GPU machine. The caller defines note().
 # shellcheck shell=bash
 

@@ -4,8 +4,8 @@
 # configs/gpu-1x.yaml: both on GPU 0, CUDA IPC sync). Every step's sync is checked by gymtrl's logprob
 # probe. Device calls, back to back (/tmp lives only while the machine stays warm, 30 s after a call):
 #   run [kind=nvidia-h100-x2|nvidia-h100-x1] carry=[.gpu-bundle/p1, .gpu-bundle/p3, .gpu-extra]
-#                                            command: bash scripts/device_train.sh prep
-#   run carry=[.gpu-bundle/p2] timeout_s=600 command: [CONFIG=configs/gpu-1x.yaml] bash scripts/device_train.sh run 420 [key=value ...]
+#                                            command: bash bench/device/device_train.sh prep
+#   run carry=[.gpu-bundle/p2] timeout_s=600 command: [CONFIG=configs/gpu-1x.yaml] bash bench/device/device_train.sh run 420 [key=value ...]
 # prep: stashes the carried bundle parts, unpacks gymtrl's extra wheels (.gpu-extra) to /tmp/extra,
 #       builds the model in /tmp/model-0.5b (about 20 s).
 # run LIMIT [key=value ...]: finishes the install, stops whatever an earlier call left running
@@ -32,8 +32,8 @@ mode=${1:-run}; shift || true
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 CONFIG=${CONFIG:-configs/gpu-2x.yaml}
 note() { echo "[device_train $(date +%T)] $*" | tee -a "$OUT/gpus.txt"; }
-# shellcheck source=scripts/device_lib.sh
-. scripts/device_lib.sh
+# shellcheck source=bench/device/device_lib.sh
+. bench/device/device_lib.sh
 
 if [ "$mode" = prep ]; then
   inst=$(first_file .gpu-bundle/p*/install.sh)

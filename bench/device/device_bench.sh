@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Issue 6's GPU benchmarks on the lent two-GPU machine (kind nvidia-h100-x2; no network), modelled on
-# scripts/device_train.sh. Device calls, back to back (/tmp lives only while the machine stays warm,
+# bench/device/device_train.sh. Device calls, back to back (/tmp lives only while the machine stays warm,
 # 30 s after a call):
 #   run kind=nvidia-h100-x2 carry=[.gpu-bundle/p1, .gpu-bundle/p3, .gpu-extra, .bench-data]
-#       command: bash scripts/device_bench.sh prep
-#   run carry=[.gpu-bundle/p2, .bench-data] timeout_s=600  command: bash scripts/device_bench.sh run 560 gen05,gen15,collect
-#   (or, after its own prep on a fresh machine)       command: bash scripts/device_bench.sh run 490 pairs,stop
+#       command: bash bench/device/device_bench.sh prep
+#   run carry=[.gpu-bundle/p2, .bench-data] timeout_s=600  command: bash bench/device/device_bench.sh run 560 gen05,gen15,collect
+#   (or, after its own prep on a fresh machine)       command: bash bench/device/device_bench.sh run 490 pairs,stop
 # bench-data (here, once, after `source scripts/env.sh`): builds .bench-data from the CPU NeMo Gym venv.
 # gpu-extra (here, once, after `source scripts/env.sh`): builds .gpu-extra, the wheels of gymtrl's needs that
 #       neither the image nor the bundle has (omegaconf and antlr4-python3-runtime).
@@ -55,8 +55,8 @@ mode=${1:-run}; shift || true
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 LOG=$OUT/device.log
 note() { echo "[device_bench $(date +%T) +${SECONDS}s] $*" | tee -a "$LOG"; }
-# shellcheck source=scripts/device_lib.sh
-. scripts/device_lib.sh
+# shellcheck source=bench/device/device_lib.sh
+. bench/device/device_lib.sh
 
 if [ "$mode" = bench-data ]; then  # here, not on the device: what the bundle's pruned NeMo Gym lacks for ng_collect_rollouts
   site=${GYMTRL_GYM_SITE:?source scripts/env.sh first}

@@ -3,7 +3,7 @@
 # in one device call after part 1 of the bundle was installed by the call before it:
 #   run carry=[.gpu-bundle/p1]  command: bash .gpu-bundle/p1/install.sh
 #   run carry=[.gpu-bundle/p2, .gpu-bundle/p3, .gpu-extra, .bench-data]
-#       command: bash bench/device_prefix_correction.sh
+#       command: bash bench/device/device_prefix_correction.sh
 # .bench-data/rows/<env>/example.jsonl: NeMo Gym's example rows of workplace_assistant and
 # example_multi_step (the bundle's Gym layer ships without data). .gpu-extra/: wheels gymtrl needs
 # that the image and bundle lack (omegaconf, typer, httpx, ...).
@@ -33,7 +33,7 @@ ln -sf /tmp/site/bin/vllm /tmp/vllm-venv/bin/vllm
 t0=$(date +%s)
 [ -d /tmp/model ] || python3 "$GPU_BUNDLE_TOOLS/make_tiny_qwen.py" /tmp/model --shape 0.5b > "$out/model.log" 2>&1
 rows=.bench-data/rows
-[ -f /tmp/taught/model.safetensors ] || python3 scripts/teach_tool_calls.py /tmp/model /tmp/taught --device cuda \
+[ -f /tmp/taught/model.safetensors ] || python3 tests/teach_tool_calls.py /tmp/model /tmp/taught --device cuda \
   --rows $rows/example_multi_step/example.jsonl --rows $rows/workplace_assistant/example.jsonl \
   --steps "${TEACH_STEPS:-800}" --lr "${TEACH_LR:-5e-4}" --target-loss 0.02 > "$out/teach.log" 2>&1 || { tail -20 "$out/teach.log"; exit 4; }
 echo "model + teaching: $(( $(date +%s) - t0 )) s"; grep '^step' "$out/teach.log" | tail -3

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Teach a tiny model the Hermes tool-call format (for multi-turn tests and demos on CPU).
 
-  python scripts/teach_tool_calls.py MODEL_DIR OUT_DIR --rows ROWS.jsonl [--rows MORE.jsonl] [--steps 150]
+  python tests/teach_tool_calls.py MODEL_DIR OUT_DIR --rows ROWS.jsonl [--rows MORE.jsonl] [--steps 150]
 
 A random model never emits a well-formed tool call, so NeMo Gym never runs a tool for it. This
 fine-tunes it briefly on each row's conversation followed by a scripted episode: the assistant calls
