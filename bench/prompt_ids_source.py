@@ -9,7 +9,7 @@ to vLLM's chat endpoint and then a second request, a chat `/tokenize` of the sam
 prompt's token ids: vLLM's API server renders the chat template twice per call. With
 `request_prompt_and_generation_token_ids: true` it asks the generation itself for them (vLLM's
 `return_token_ids`) and skips `/tokenize`; gymtrl sets it (`gym.launch.prompt_ids: generation`). On the GPU the API server's CPU is what limits a batch
-of rollouts through Gym (bench/results/gpu-bench/README.md), so the second request matters there.
+of rollouts through Gym (bench/results/gpu-bench/generation-2xh200.md), so the second request matters there.
 
 One vLLM server, two NeMo Gym stacks in front of it (`gym.launch.prompt_ids` tokenize and
 generation), the same digit_reply rows through gymtrl's rollout engine, the two
