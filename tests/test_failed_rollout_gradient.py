@@ -13,8 +13,8 @@ Two paths:
   mask is all 0, so its ratio is exactly 1 whatever its placeholder logprob [0.0] says, and it is
   still out of the loss. Without the mask, the placeholder's logprob 0.0 against the trainer's
   ~-log(vocab) would give the row a ratio of about 1/vocab; with it, nothing about the row matters
-  (checked by changing its token and logprob). The trainer is built with use_vllm=False (no server) and the two flags are
-  set on it afterwards, which is all TRL's scoring and loss read.
+  (checked by changing its token and logprob). The trainer is built with use_vllm=False (no server)
+  and the two flags are set on it afterwards, which is all TRL's scoring and loss read.
 
 Loss types: TRL's default (dapo, which gymtrl keeps) and bnpo divide by the number of loss tokens, so
 a batch with the failed row gives exactly the gradient of the batch without it. grpo and dr_grpo
@@ -107,7 +107,8 @@ output: {{dir: {tmp_path / 'run'}}}
 
     env_reward = make_env_reward(types.SimpleNamespace(pending_metrics={}))  # gymtrl's reward function
     trainer = GRPOTrainer(model=copy.deepcopy(model), reward_funcs=[env_reward], args=args,
-                          train_dataset=Dataset.from_dict({"prompt": ["row-a", "row-b"]}), processing_class=tokenizer, rollout_func=STUB_rollout_func_returning_fixed_outcomes)
+                          train_dataset=Dataset.from_dict({"prompt": ["row-a", "row-b"]}),
+                          processing_class=tokenizer, rollout_func=STUB_rollout_func_returning_fixed_outcomes)
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer's loop for each step; one here
     if importance_sampling:
