@@ -58,7 +58,7 @@ def measure(kv_mib: int, model_dir: str, vllm_venv: str, repeats: int, work: Pat
     from gymtrl.servers.gym_launcher import free_port
     from gymtrl.servers.process import ManagedProcess, http_ok
     from gymtrl.servers.vllm import vllm_command, vllm_env
-    from gymtrl.sync.vllm_control import VLLMControl
+    from gymtrl.servers.vllm_control import VLLMControl
 
     port = free_port("127.0.0.1")
     cfg_path = work / f"kv{kv_mib}.yaml"

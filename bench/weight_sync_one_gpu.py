@@ -15,7 +15,7 @@ and the prefix-cache reset):
 * reload: gymtrl's ReloadSync.push to /dev/shm (safetensors, vLLM's reload_weights, reset).
 
 Before each timed push the trainer's weights are changed (noise), and after the last one gymtrl's
-SyncVerifier checks that vLLM serves them: a figure for a sync that did not land is not printed.
+ProbeCheck checks that vLLM serves them: a figure for a sync that did not land is not printed.
 Prints a Markdown table, and writes it to --out (default $OUT/weight_sync_one_gpu.md, if set).
 """
 
@@ -82,9 +82,9 @@ def measure(shape: str, model_dir: str, args, work: Path) -> list[tuple]:
     from gymtrl.servers.process import ManagedProcess, http_ok
     from gymtrl.servers.vllm import served_model_name, vllm_command, vllm_env
     from gymtrl.sync.ipc import IpcSync
-    from gymtrl.sync.strategies import ReloadSync
-    from gymtrl.sync.verify import SyncVerifier, probe_token_ids
-    from gymtrl.sync.vllm_control import VLLMControl
+    from gymtrl.sync.reload import ReloadSync
+    from gymtrl.sync.check import ProbeCheck, probe_token_ids
+    from gymtrl.servers.vllm_control import VLLMControl
     from gymtrl.vllm_plugin.install import ensure_installed
 
     cfg_path = work / f"{shape}.yaml"
@@ -101,7 +101,7 @@ def measure(shape: str, model_dir: str, args, work: Path) -> list[tuple]:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda()
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         control = VLLMControl(cfg.vllm.base_url, 300)
-        verifier = SyncVerifier(control, served_model_name(cfg), probe_token_ids(tokenizer), 5e-2,
+        verifier = ProbeCheck(control, served_model_name(cfg), probe_token_ids(tokenizer), 5e-2,
                                 scale_with_logits=True)
         params = [p for p in model.parameters()]
         nbytes = sum(p.numel() * p.element_size() for p in params)

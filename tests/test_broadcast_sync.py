@@ -11,10 +11,10 @@ import torch
 from gymtrl.errors import ConfigError, ServerError, WeightSyncError
 from gymtrl.servers.vllm import RECEIVER_CLASS
 from gymtrl.sync.broadcast import BroadcastSync, address_towards
-from gymtrl.sync.ipc import check_receivers
-from gymtrl.sync.verify import SyncVerifier, probe_token_ids
-from gymtrl.sync.vllm_control import VLLMControl
-from gymtrl.train import check_strategy
+from gymtrl.sync.receiver import check_receivers
+from gymtrl.sync.check import ProbeCheck, probe_token_ids
+from gymtrl.servers.vllm_control import VLLMControl
+from gymtrl.sync.factory import check_strategy
 from gymtrl.vllm_plugin.weight_receiver import PAYLOAD_VERSION
 
 
@@ -55,7 +55,7 @@ def perturbed(model, seed: int):
 
 @pytest.mark.servers
 def test_a_vllm_without_the_receiver_is_found_before_the_first_push(control, monkeypatch):
-    import gymtrl.sync.ipc as ipc
+    import gymtrl.sync.receiver as ipc
 
     infos = check_receivers(control)  # the session's vLLM runs the receiver: one answer per worker
     assert infos and all(i["version"] == PAYLOAD_VERSION for i in infos)
@@ -70,7 +70,7 @@ def test_a_vllm_without_the_receiver_is_found_before_the_first_push(control, mon
 def test_pushed_weights_are_served_over_several_buckets_and_the_group_is_kept(servers, control, original):
     from transformers import AutoTokenizer
 
-    verifier = SyncVerifier(control, "tiny", probe_token_ids(AutoTokenizer.from_pretrained(servers.model)), 1e-3)
+    verifier = ProbeCheck(control, "tiny", probe_token_ids(AutoTokenizer.from_pretrained(servers.model)), 1e-3)
     sync = BroadcastSync(control, bucket_mb=1, vllm_dtype="float32", timeout_s=60)
     sync.bucket_bytes = 2**18  # the tiny model (0.8 MB) then spans several buckets, as a real one does
     assert sum(p.numel() * 4 for p in original.parameters()) > 3 * sync.bucket_bytes
@@ -99,7 +99,7 @@ def test_a_refused_bucket_fails_at_once_with_the_reason_and_the_group_stays_usab
     with the worker's reason, and no broadcast is left half-joined: the next push goes through."""
     from transformers import AutoTokenizer
 
-    verifier = SyncVerifier(control, "tiny", probe_token_ids(AutoTokenizer.from_pretrained(servers.model)), 1e-3)
+    verifier = ProbeCheck(control, "tiny", probe_token_ids(AutoTokenizer.from_pretrained(servers.model)), 1e-3)
     sync = BroadcastSync(control, bucket_mb=1, vllm_dtype="float32", timeout_s=60)
     sync.push(original)
     group = sync.group

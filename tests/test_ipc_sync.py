@@ -9,10 +9,10 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from gymtrl.config import load_config
 from gymtrl.errors import ConfigError, ServerError
 from gymtrl.servers.vllm import RECEIVER_CLASS, vllm_command
-from gymtrl.sync.ipc import RECEIVER_METHOD, IpcSync, Placed, bucket_size, pack_bucket, plan_buckets
-from gymtrl.sync.vllm_control import VLLMControl
-from gymtrl.sync.strategies import choose_strategy, vllm_shares_trainer_gpu
-from gymtrl.train import check_strategy
+from gymtrl.sync.buckets import Placed, bucket_size, pack_bucket, plan_buckets
+from gymtrl.sync.ipc import RECEIVER_METHOD, IpcSync
+from gymtrl.servers.vllm_control import VLLMControl
+from gymtrl.sync.factory import check_strategy, choose_strategy, vllm_shares_trainer_gpu
 from gymtrl.vllm_plugin.weight_receiver import ALIGN_BYTES, tensor_views
 
 
@@ -103,7 +103,7 @@ def test_syncs_that_cannot_work_are_refused_before_anything_starts():
     check_strategy("nccl", cuda=True, shares_gpu=False, world=4)
 
 
-def test_a_launched_vllm_loads_the_receiver_only_for_ipc(tmp_path):
+def test_a_launched_vllm_loads_the_receiver_for_gymtrls_own_syncs_only(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("model: {name_or_path: m}\ndata: {train: rows.jsonl}\n"
                  "vllm: {launch: {enabled: true, venv: /v}}\nsync: {strategy: ipc, bucket_mb: 64}\n")
@@ -111,7 +111,10 @@ def test_a_launched_vllm_loads_the_receiver_only_for_ipc(tmp_path):
     ipc = vllm_command(cfg, "ipc")
     assert ipc[ipc.index("--worker-extension-cls") + 1] == RECEIVER_CLASS
     assert "--weight-transfer-config" not in ipc
-    assert "--worker-extension-cls" not in vllm_command(cfg, "nccl") + vllm_command(cfg, "reload")
+    for strategy in ("reload", "broadcast"):  # the receiver also stamps what these load (the exact check)
+        cmd = vllm_command(cfg, strategy)
+        assert cmd[cmd.index("--worker-extension-cls") + 1] == RECEIVER_CLASS
+    assert "--worker-extension-cls" not in vllm_command(cfg, "nccl")
     with pytest.raises(ConfigError, match="sync.bucket_mb must be >= 1"):
         load_config(p, ["sync.bucket_mb=0"])
 
@@ -134,7 +137,7 @@ def test_a_real_vllm_loads_the_receiver_and_its_call_reaches_it(servers, monkeyp
 
         # Through the trainer's side: a CUDA buffer's handle cannot be made here, so the payload is
         # the refused one above (a fault injected in place of share_payload).
-        monkeypatch.setattr("gymtrl.sync.ipc.share_payload", lambda flat, bucket: json.dumps({"version": 999}))
+        monkeypatch.setattr("gymtrl.sync.ipc.share_payload", lambda flat, bucket, push="": json.dumps({"version": 999}))
         with pytest.raises(ServerError) as e:
             IpcSync(control, bucket_mb=1, vllm_dtype="bfloat16")._send([Placed("w", "float32", [2], 0, 8)])
         assert "did not take the weights over CUDA IPC" in e.value.message and "vLLM's log" in e.value.hint

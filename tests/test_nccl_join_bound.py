@@ -13,8 +13,8 @@ import types
 import pytest
 from trl.generation.vllm_client import VLLMClient
 
-from gymtrl.sync import strategies
-from gymtrl.sync.strategies import bound_nccl_join
+from gymtrl.sync import nccl as strategies
+from gymtrl.sync.nccl import bound_nccl_join
 
 WAIT_S = 60  # "did not hang": a ceiling for thread hand-offs only, never reached when things work
 

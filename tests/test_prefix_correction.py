@@ -28,7 +28,7 @@ from gymtrl.metrics import read_metrics
 from gymtrl.rollout.engine import RolloutEngine, SamplingParams
 from gymtrl.rollout.failures import FailureBound, FailureKind, FailureLedger
 from gymtrl.rollout.rollout_func import batch_metrics
-from gymtrl.sync.verify import trainer_logprobs
+from gymtrl.sync.check import trainer_logprobs
 from recording_proxy import RecordingProxy
 
 pytestmark = pytest.mark.servers
@@ -190,7 +190,7 @@ def test_an_unsafe_join_is_refused_and_counted_by_kind(stacks, rows):
 def test_the_start_up_probe_tells_the_servers_apart(stacks):
     from gymtrl.errors import ServerError
     from gymtrl.servers.stack import ServerStack
-    from gymtrl.sync.vllm_control import VLLMControl
+    from gymtrl.servers.vllm_control import VLLMControl
 
     for name, active in (("on", True), ("off", False)):
         control = VLLMControl(stacks[name].vllm_url, 30)

@@ -151,7 +151,7 @@ def test_a_cap_below_half_the_batch_is_warned_once(agents, caplog):
     from gymtrl.rollout.rollout_func import GymRolloutFunc
 
     engine = make_engine(agents, FailureLedger(FailureBound(1.0, 10**6, 10**6)))  # max_concurrency=16
-    func = GymRolloutFunc(engine, rows={}, sync=None, verifier=None, placeholder_token_id=0)
+    func = GymRolloutFunc(engine, rows={}, publisher=None, placeholder_token_id=0, channel=None)
     try:
         with caplog.at_level("WARNING", logger="gymtrl.rollout.rollout_func"):
             func._warn_in_flight(32)  # half in flight: no warning

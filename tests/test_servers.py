@@ -10,9 +10,9 @@ from gymtrl.errors import WeightSyncError
 from gymtrl.gym.discovery import discover
 from gymtrl.rollout.engine import RolloutEngine, SamplingParams
 from gymtrl.rollout.failures import FailureBound, FailureLedger
-from gymtrl.sync.strategies import ReloadSync
-from gymtrl.sync.verify import SyncVerifier, probe_token_ids, trainer_logprobs
-from gymtrl.sync.vllm_control import VLLMControl
+from gymtrl.sync.reload import ReloadSync
+from gymtrl.sync.check import ProbeCheck, probe_token_ids, trainer_logprobs
+from gymtrl.servers.vllm_control import VLLMControl
 
 pytestmark = pytest.mark.servers
 
@@ -85,7 +85,7 @@ STEP_SCALE = 1.0001  # moves the probe's logprobs by a few 1e-4: past float32 no
 
 def test_weight_sync_is_verified_and_a_stale_server_is_caught(servers, model_and_tokenizer, control, tmp_path):
     model, tokenizer = model_and_tokenizer
-    verifier = SyncVerifier(control, "tiny", probe_token_ids(tokenizer), tolerance=1e-3)
+    verifier = ProbeCheck(control, "tiny", probe_token_ids(tokenizer), tolerance=1e-3)
     changed = type(model).from_pretrained(servers.model, dtype=torch.float32)
     torch.manual_seed(0)
     with torch.no_grad():

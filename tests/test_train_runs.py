@@ -229,8 +229,8 @@ def test_a_server_that_misses_a_sync_stops_the_run_before_its_batch_is_trained_o
     import torch
     from transformers import AutoModelForCausalLM
 
-    from gymtrl.sync.strategies import ReloadSync
-    from gymtrl.sync.vllm_control import VLLMControl
+    from gymtrl.sync.reload import ReloadSync
+    from gymtrl.servers.vllm_control import VLLMControl
 
     # The session's vLLM serves whatever the last test pushed: give it the model's own weights, so
     # that the run's first check (before any step) passes and step 1 trains.

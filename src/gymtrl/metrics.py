@@ -35,3 +35,23 @@ class MetricsJsonlWriter(TrainerCallback):
 def read_metrics(path: str | Path) -> list[dict]:
     # "\n" only: str.splitlines() also breaks at U+2028 and the like, which JSON may hold raw inside a string
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").split("\n") if line.strip()]
+
+
+class StepChannel:
+    """What a rollout batch hands on to the parts of the step that TRL runs after it: its metrics
+    (logged by the environment's reward function through TRL's `log_metric`) and, per sample in
+    order, its environment and the [start, end) spans of its model turns (for the sampler-gap
+    metrics of gymtrl.trl_seam)."""
+
+    def __init__(self) -> None:
+        self._metrics: dict[str, float] = {}
+        self.samples: list[tuple[str, list[tuple[int, int]]]] = []
+
+    def put(self, metrics: dict[str, float], samples: list[tuple[str, list[tuple[int, int]]]]) -> None:
+        self._metrics = dict(metrics)
+        self.samples = list(samples)
+
+    def take_metrics(self) -> dict[str, float]:
+        """This batch's metrics, once: the reward function is called again for a batch's next slices."""
+        metrics, self._metrics = self._metrics, {}
+        return metrics

@@ -25,7 +25,7 @@ from urllib.parse import urlsplit, urlunsplit
 from gymtrl.atomic import write_text_atomic
 from gymtrl.config.schema import Config
 from gymtrl.errors import ConfigError, ServerError
-from gymtrl.sync.strategies import choose_strategy
+from gymtrl.sync.factory import choose_strategy
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,8 @@
 """The gymtrl training recipe: one config in, a GRPO-trained model out. Reads top to bottom.
 
   config -> servers up -> agents discovered -> rows read and routed -> GRPOTrainer(rollout_func)
-  -> per step: sync weights + verify, rollouts through NeMo Gym, TRL's loss and optimizer step
+  -> per step: push weights and check them exactly, rollouts through NeMo Gym, TRL's loss (with its
+     importance-sampling correction against the sampling logprobs, under every sync) and optimizer step
   -> metrics.jsonl, checkpoints, final model.
 """
 
@@ -12,14 +13,26 @@ import os
 import sys
 from pathlib import Path
 
+from gymtrl.checkpoints import GracefulStop, MarkCompleteCheckpoints, resolve_resume, save_now
 from gymtrl.config import Config, write_resolved_config
 from gymtrl.config.load import export_env_yaml_api_key
+from gymtrl.data.read import read_split
+from gymtrl.data.rows import build_split
 from gymtrl.distributed import rank_and_world
 from gymtrl.errors import (ConfigError, GymtrlError, RolloutFailureBoundError, ServerError, StoppedBySignal,
                            WeightSyncError)
-from gymtrl.rollout.engine import ROLLOUT_BATCH_SLACK_S
+from gymtrl.gym.discovery import check_routes, discover
+from gymtrl.metrics import MetricsJsonlWriter, StepChannel
+from gymtrl.rewards import build_reward_functions
+from gymtrl.rollout.engine import ROLLOUT_BATCH_SLACK_S, RolloutEngine
 from gymtrl.rollout.fd_limit import ensure_open_files
+from gymtrl.rollout.rollout_func import GymRolloutFunc, make_env_reward
+from gymtrl.servers.stack import ServerStack
 from gymtrl.servers.supervisor import Supervisor
+from gymtrl.servers.vllm_control import VLLMControl
+from gymtrl.sync.factory import build_publisher, build_sync, check_strategy, choose_strategy, vllm_shares_trainer_gpu
+from gymtrl.sync.nccl import NcclSync, bound_nccl_join
+from gymtrl import trl_seam
 
 log = logging.getLogger(__name__)
 # Created by anyone (slurm/submit.sh at the time limit): the run checkpoints and stops at the step's end.
@@ -57,14 +70,20 @@ def build_grpo_config(cfg: Config, strategy: str, cuda: bool):
             ROLLOUT_BATCH_SLACK_S)
     kwargs["output_dir"] = str(out_dir / "checkpoints")
     kwargs["reward_weights"] = [cfg.rewards.env_weight] + [f.weight for f in cfg.rewards.functions]
+    # Only TRL's own sync (nccl) builds TRL's vLLM client; every other strategy gets the same loss,
+    # importance-sampling correction included, through gymtrl.trl_seam.use_sampler_correction.
     if strategy == "nccl":
         kwargs.update(use_vllm=True, vllm_mode="server", vllm_server_base_url=cfg.vllm.base_url)
     else:
         kwargs["use_vllm"] = False
     try:
-        return GRPOConfig(**kwargs)
+        args = GRPOConfig(**kwargs)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"grpo section rejected by trl.GRPOConfig: {e}") from None
+    warning = trl_seam.check_sampling_settings(args)
+    if warning:
+        log.warning(warning)
+    return args
 
 
 class _DropUnscorableSampleDumps(logging.Filter):
@@ -78,26 +97,8 @@ class _DropUnscorableSampleDumps(logging.Filter):
 
 def train(cfg: Config, resume: str | None = None, stop_file: str | None = None) -> Path:
     import torch
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer
     from trl import GRPOTrainer
-
-    from gymtrl.checkpoints import GracefulStop, MarkCompleteCheckpoints, resolve_resume, save_now
-    from gymtrl.data.read import read_split
-    from gymtrl.data.rows import build_split
-    from gymtrl.gym.discovery import check_routes, discover
-    from gymtrl.metrics import MetricsJsonlWriter
-    from gymtrl.rewards import build_reward_functions
-    from gymtrl.rollout.engine import RolloutEngine, SamplingParams
-    from gymtrl.rollout.failures import FailureBound, FailureLedger
-    from gymtrl.rollout.rollout_func import GymRolloutFunc, make_env_reward
-    from gymtrl.servers.stack import ServerStack
-    from gymtrl.servers.vllm import RECEIVER_STRATEGIES, served_model_name
-    from gymtrl.sync.ipc import IpcSync, check_receivers
-    from gymtrl.sync.broadcast import BroadcastSync
-    from gymtrl.sync.strategies import (NcclSync, ReloadSync, WeightSync, bound_nccl_join, choose_strategy,
-                                        vllm_shares_trainer_gpu)
-    from gymtrl.sync.verify import SyncVerifier, default_tolerance, probe_token_ids
-    from gymtrl.sync.vllm_control import VLLMControl
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     logging.getLogger("trl.trainer.grpo_trainer").addFilter(_DropUnscorableSampleDumps())
@@ -109,16 +110,14 @@ def train(cfg: Config, resume: str | None = None, stop_file: str | None = None) 
     if rank == 0:
         write_resolved_config(cfg, out_dir)
         stopper.clear_stop_file()
-    if cfg.logging.wandb:
-        os.environ.setdefault("WANDB_PROJECT", cfg.logging.wandb_project)
-        os.environ.setdefault("WANDB_MODE", cfg.logging.wandb_mode)
-        os.environ.setdefault("WANDB_DIR", str(out_dir))
+    _wandb_env(cfg, out_dir)
 
     # --- data, checked before anything is started --------------------------------------------
     train_rows = read_split(cfg.data.train, cfg.data.max_train_rows)
-    custom_rewards = build_reward_functions(cfg.rewards.functions)
     eval_rows = read_split(cfg.data.eval, cfg.data.max_eval_rows) if cfg.data.eval else []
+    custom_rewards = build_reward_functions(cfg.rewards.functions)
 
+    # --- the weight sync this machine allows, and TRL's arguments ----------------------------
     cuda = torch.cuda.is_available()
     shares_gpu = cuda and vllm_shares_trainer_gpu(cfg.vllm.launch.enabled, cfg.vllm.launch.env, dict(os.environ),
                                                   torch.cuda.device_count())
@@ -135,76 +134,33 @@ def train(cfg: Config, resume: str | None = None, stop_file: str | None = None) 
             return discover(cfg.gym.head_server_url, cfg.gym.rewrite_loopback_hosts)
 
         topo = find_agents()
-        log.info("NeMo Gym agents: %s", ", ".join(f"{a} ({len(topo.urls_of(a))} copies)" if a in topo.copies else a
-                                                 for a in sorted(topo.agents)))
+        log.info("NeMo Gym agents: %s", topo.describe())
         check_routes(train_rows + eval_rows, topo)
         store: dict[str, dict] = {}
         train_ds = build_split("train", train_rows, topo, store)
         eval_ds = build_split("eval", eval_rows, topo, store) if eval_rows else None
 
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path,
-                                                  trust_remote_code=cfg.model.trust_remote_code)
+        # --- the pieces of a step: push + check, rollouts, TRL's batch -------------------------
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
         control = VLLMControl(cfg.vllm.base_url, cfg.vllm.request_timeout_s, cfg.vllm.api_key_env)
-        sync: WeightSync
-        if strategy == "reload":
-            sync = ReloadSync(control, Path(cfg.sync.dir or out_dir / "weight_sync"))
-        elif strategy == "ipc":
-            sync = IpcSync(control, cfg.sync.bucket_mb, cfg.vllm.dtype)
-        elif strategy == "broadcast":
-            sync = BroadcastSync(control, cfg.sync.bucket_mb, cfg.vllm.dtype, cfg.vllm.request_timeout_s)
-        elif strategy == "nccl":
-            sync = NcclSync()
-            bound_nccl_join(cfg.vllm.request_timeout_s, lambda: _nccl_join_timed_out(cfg, servers))
-        else:
-            sync = WeightSync()
-        if strategy in RECEIVER_STRATEGIES:
-            check_receivers(control)  # a vLLM started without gymtrl's worker extension: stop now, not at step 2
-        verifier = None
-        if cfg.sync.verify:
-            tol = cfg.sync.verify_tolerance
-            scaled = False
-            if tol is None:
-                dtypes = {cfg.model.dtype, cfg.vllm.dtype}
-                tol = default_tolerance("float32" if dtypes == {"float32"} else "mixed")
-                scaled = dtypes != {"float32"}
-            verifier = SyncVerifier(control, served_model_name(cfg), probe_token_ids(tokenizer), tol,
-                                    scale_with_logits=scaled)
-
-        on_exit = cfg.supervision.on_server_exit
-        if on_exit == "restart" and world > 1:
-            # The other processes would go on rolling out against the dead server, out of step.
-            log.warning("supervision.on_server_exit=restart applies to single-process runs; with %d processes a "
-                        "server that exits stops the run", world)
-            on_exit = "stop"
-        supervisor = Supervisor(servers, on_exit, cfg.supervision.max_restarts, can_resync_vllm=strategy != "nccl")
-        ledger = FailureLedger(FailureBound(cfg.rollout.max_failure_rate, cfg.rollout.failure_window,
-                                            cfg.rollout.failure_min_rollouts))
-        engine = RolloutEngine(
-            topo, SamplingParams(args.temperature, args.top_p, args.max_completion_length,
-                                 cfg.rollout.lift_tool_constraints), ledger,
-            cfg.rollout.max_concurrency, cfg.rollout.timeout_s, cfg.rollout.retries, cfg.rollout.retry_backoff_s,
-            vocab_size=model_vocab_size(cfg), watch=supervisor.watch,
-        )
-        placeholder = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
-        rollout_func = GymRolloutFunc(engine, store, sync, verifier, placeholder, supervisor, rediscover=find_agents)
-
-        class WatchServers(TrainerCallback):
-            def on_step_end(self, *a, **k):
-                supervisor.check()  # a launched server that exited: restarted, or the run stops with its log tail
-
-        trainer = GRPOTrainer(
-            model=cfg.model.name_or_path,
-            reward_funcs=[make_env_reward(rollout_func), *custom_rewards],
-            args=args,
-            train_dataset=train_ds,
-            eval_dataset=eval_ds,
-            processing_class=tokenizer,
-            rollout_func=rollout_func,
-            callbacks=[MetricsJsonlWriter(out_dir / "metrics.jsonl"), WatchServers(), MarkCompleteCheckpoints(),
-                       stopper],
-        )
+        sync = build_sync(cfg, strategy, control, out_dir)
         if isinstance(sync, NcclSync):
-            sync.attach(trainer)  # times TRL's own broadcast, so sync/seconds is not a constant 0
+            bound_nccl_join(cfg.vllm.request_timeout_s, lambda: _nccl_join_timed_out(cfg, servers))
+        publisher = build_publisher(cfg, sync, control, tokenizer)
+        supervisor = Supervisor.from_config(cfg, servers, world, strategy)
+        engine = RolloutEngine.from_config(cfg, topo, args, model_vocab_size(cfg), watch=supervisor.watch)
+        channel = StepChannel()
+        placeholder = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
+        rollout_func = GymRolloutFunc(engine, store, publisher, placeholder, channel, supervisor, rediscover=find_agents)
+        trainer = GRPOTrainer(
+            model=cfg.model.name_or_path, reward_funcs=[make_env_reward(channel), *custom_rewards], args=args,
+            train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer, rollout_func=rollout_func,
+            callbacks=[MetricsJsonlWriter(out_dir / "metrics.jsonl"), supervisor.watch_callback(),
+                       MarkCompleteCheckpoints(), stopper],
+        )
+        trl_seam.attach(trainer, strategy, sync, channel)  # sampler correction under every sync; gap metrics
+
+        # --- train --------------------------------------------------------------------------
         try:
             trainer.train(resume_from_checkpoint=resume)
         except (ServerError, RolloutFailureBoundError, WeightSyncError) as e:
@@ -215,30 +171,28 @@ def train(cfg: Config, resume: str | None = None, stop_file: str | None = None) 
         finally:
             engine.close()
             control.close()
-        if stopper.stopped:
-            path = save_now(trainer)
-            raise StoppedBySignal(
-                f"stopped by {stopper.reason} at step {trainer.state.global_step}; "
-                f"checkpoint: {path}", hint="continue with the same command and --resume auto")
-        final = out_dir / "final"
-        trainer.save_model(str(final))  # collective under ZeRO-3; the main process writes
-        if rank == 0:
-            tokenizer.save_pretrained(str(final))
+        return _finish(trainer, tokenizer, stopper, out_dir, rank)
+
+
+def _wandb_env(cfg: Config, out_dir: Path) -> None:
+    if cfg.logging.wandb:
+        os.environ.setdefault("WANDB_PROJECT", cfg.logging.wandb_project)
+        os.environ.setdefault("WANDB_MODE", cfg.logging.wandb_mode)
+        os.environ.setdefault("WANDB_DIR", str(out_dir))
+
+
+def _finish(trainer, tokenizer, stopper, out_dir: Path, rank: int) -> Path:
+    """A stopped run: a checkpoint and the line that says how to continue. A finished one: final/."""
+    if stopper.stopped:
+        path = save_now(trainer)
+        raise StoppedBySignal(
+            f"stopped by {stopper.reason} at step {trainer.state.global_step}; "
+            f"checkpoint: {path}", hint="continue with the same command and --resume auto")
+    final = out_dir / "final"
+    trainer.save_model(str(final))  # collective under ZeRO-3; the main process writes
+    if rank == 0:
+        tokenizer.save_pretrained(str(final))
     return final
-
-
-def check_strategy(strategy: str, cuda: bool, shares_gpu: bool, world: int) -> None:
-    """The weight syncs that cannot work here, refused before any server starts."""
-    if strategy == "ipc" and not cuda:
-        raise ConfigError("sync.strategy=ipc needs a CUDA GPU", hint="use sync.strategy=reload (or auto) on CPU")
-    if strategy == "ipc" and world > 1:
-        raise ConfigError(f"sync.strategy=ipc takes one training process, this run has {world}",
-                          hint="give vLLM its own GPU and use sync.strategy=broadcast (or auto)")
-    if strategy in ("nccl", "broadcast") and shares_gpu:
-        raise ConfigError(f"sync.strategy={strategy}, but the vLLM gymtrl launches gets the trainer's GPU: NCCL cannot "
-                          "connect two processes on one GPU",
-                          hint="use sync.strategy=ipc (or auto), or give vLLM another GPU with "
-                          "vllm.launch.env.CUDA_VISIBLE_DEVICES")
 
 
 def _nccl_join_timed_out(cfg: Config, servers) -> None:

@@ -1,8 +1,8 @@
 """The config schema. Every key a user can write is a field here, with its default and meaning.
 
 Sections: model, data, gym, vllm, rollout, sync, grpo (passed through to TRL's GRPOConfig),
-rewards, judge, prepare (gymtrl prepare-data), logging, output. The README's config reference
-follows these field comments (tests/test_config.py checks that it lists every key).
+rewards, judge, prepare (gymtrl prepare-data), logging, output. docs/configuration.md is generated
+from these field comments (`python -m gymtrl.config.reference`; a test checks it is current).
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class VLLMConfig:
     max_model_len: int = 4096
     # GPUs one launched vLLM spreads the model over (--tensor-parallel-size).
     tensor_parallel_size: int = 1
-    # On-policy prefix correction for multi-turn episodes (gymtrl's vLLM plugin; README: "Multi-turn
+    # On-policy prefix correction for multi-turn episodes (gymtrl's vLLM plugin; docs/guide.md: "Multi-turn
     # on-policy"). When gymtrl launches vLLM it installs and switches it on; a server you start
     # yourself must run it, or the run stops at start-up. false: serve without it (episodes whose
     # re-rendered history differs from the sampled tokens are then dropped as prefix_mismatch).
@@ -145,7 +145,10 @@ class SyncConfig:
     # CUDA IPC, one training process) | reload (through the disk; CPU) | none (never syncs: debugging
     # only) | auto (reload on CPU; ipc when a launched vLLM gets the trainer's only GPU; else broadcast).
     strategy: str = "auto"
-    # Check after every sync that the server's logprobs equal the trainer's; fail the run if not.
+    # Check after every push that vLLM serves the trainer's weights; fail the run if not. Two checks:
+    # exact (every vLLM worker's stamp names this push and the digest of every tensor it loaded equals
+    # the trainer's; reload, ipc and broadcast, through gymtrl's worker extension) and behavioural (a
+    # probe's logprobs equal the trainer's within verify_tolerance; every strategy, the only one for nccl).
     verify: bool = True
     # Largest allowed |logprob difference| per token (None: 1e-3 for float32, 5e-2 otherwise).
     verify_tolerance: Optional[float] = None
@@ -202,7 +205,7 @@ class RewardFunctionConfig:
 class RewardsConfig:
     # Weight of the environment's own reward in the total.
     env_weight: float = 1.0
-    # Extra TRL-style reward functions (see gymtrl/rewards.py and the README).
+    # Extra TRL-style reward functions (see gymtrl/rewards.py and docs/guide.md).
     functions: list[RewardFunctionConfig] = field(default_factory=list)
 
 

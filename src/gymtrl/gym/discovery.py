@@ -43,6 +43,10 @@ class GymTopology:
     # agent instance -> the base URLs of all its copies (the agent's own first), when it has copies
     copies: dict[str, list[str]] = field(default_factory=dict)
 
+    def describe(self) -> str:
+        """The agents, one by one, with their number of copies where they have several."""
+        return ", ".join(f"{a} ({len(self.urls_of(a))} copies)" if a in self.copies else a for a in sorted(self.agents))
+
     def urls_of(self, agent: str) -> list[str]:
         return self.copies.get(agent) or [self.agents[agent]]
 

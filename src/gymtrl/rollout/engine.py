@@ -28,7 +28,7 @@ from typing import Callable
 
 from gymtrl.gym.client import AgentClient, RunResult, parse_reward, response_output
 from gymtrl.gym.discovery import GymTopology
-from gymtrl.rollout.failures import FailureKind, FailureLedger
+from gymtrl.rollout.failures import FailureBound, FailureKind, FailureLedger
 from gymtrl.rollout.trajectory import StitchError, Trajectory, stitch, token_items
 
 
@@ -129,6 +129,17 @@ class RolloutEngine:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="gymtrl-rollouts", daemon=True)
         self._thread.start()
+
+    @classmethod
+    def from_config(cls, cfg, topology: GymTopology, grpo_args, vocab_size: int | None,
+                    watch: Callable[[], None] | None = None) -> "RolloutEngine":
+        """The engine a run's `rollout` section and TRL's sampling settings describe."""
+        r = cfg.rollout
+        ledger = FailureLedger(FailureBound(r.max_failure_rate, r.failure_window, r.failure_min_rollouts))
+        sampling = SamplingParams(grpo_args.temperature, grpo_args.top_p, grpo_args.max_completion_length,
+                                  r.lift_tool_constraints)
+        return cls(topology, sampling, ledger, r.max_concurrency, r.timeout_s, r.retries, r.retry_backoff_s,
+                   vocab_size=vocab_size, watch=watch)
 
     async def _run_one(self, client: AgentClient, row: dict) -> RolloutOutcome:
         env = self.topology.route(row)

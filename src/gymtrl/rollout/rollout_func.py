@@ -13,109 +13,48 @@ from the group baseline and the loss, and the ledger counts it.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections import Counter, defaultdict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from statistics import mean
 from typing import Callable
 
-from gymtrl.distributed import full_weights, is_zero3
 from gymtrl.errors import ServerError, WeightSyncError
 from gymtrl.gym.discovery import GymTopology
+from gymtrl.metrics import StepChannel
 from gymtrl.rollout.engine import RolloutEngine, RolloutOutcome
 from gymtrl.rollout.failures import FailureKind
 from gymtrl.servers.supervisor import ServersRestarted, Supervisor
-from gymtrl.sync.strategies import WeightSync
-from gymtrl.sync.verify import SyncVerifier
+from gymtrl.sync.publisher import WeightPublisher
 
 log = logging.getLogger(__name__)
 
 
 class GymRolloutFunc:
-    def __init__(self, engine: RolloutEngine, rows: dict[str, dict], sync: WeightSync,
-                 verifier: SyncVerifier | None, placeholder_token_id: int,
+    def __init__(self, engine: RolloutEngine, rows: dict[str, dict], publisher: WeightPublisher,
+                 placeholder_token_id: int, channel: StepChannel,
                  supervisor: Supervisor | None = None, rediscover: Callable[[], GymTopology] | None = None):
         self.engine = engine
+        self.rows = rows
+        self.publisher = publisher  # makes vLLM serve this step's weights, and checks it does
+        self.placeholder = placeholder_token_id
+        self.channel = channel  # this batch's metrics and sample layout, for what TRL runs next
         self.supervisor = supervisor  # restarts launched servers that exit (supervision.on_server_exit)
         self.rediscover = rediscover  # NeMo Gym's agents afresh, after Gym was restarted
         self.seen_generation = 0
-        self.rows = rows
-        self.sync = sync
-        self.verifier = verifier
-        self.placeholder = placeholder_token_id
-        self.synced_step: int | None = None
-        self.pending_metrics: dict[str, float] = {}
         self._warned_in_flight = False
-        # The check of the weights just pushed runs beside the batch (one thread, one check at a time).
-        self._checker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gymtrl-sync-check")
 
-    # --- weight sync ------------------------------------------------------------------------
-    def _sync(self, trainer) -> tuple[dict[str, float], Future | None]:
-        """Push this step's weights to vLLM (main process); every process takes part in a ZeRO-3
-        gather, then waits until vLLM holds them. Returns the metrics and, after a push, the check of
-        the pushed weights, still running: `_finish_check` must pass before the batch is used."""
-        step = trainer.state.global_step
-        if step == self.synced_step:
-            return {}, None
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        main = trainer.accelerator.is_main_process
-        zero3 = is_zero3(model)
-        # The check's forward pass: on the main process, or in lockstep on all under ZeRO-3.
-        ours = self.verifier.trainer_side(model) if self.verifier is not None and (main or zero3) else None
-        metrics: dict[str, float] = {}
-        check: Future | None = None
-        # ZeRO-3: whole parameters for the push, gathered by all processes; only gymtrl's own syncs need
-        # them (TRL's NCCL sync gathers one parameter at a time itself, and a whole-model gather could
-        # not fit where ZeRO-3 is needed most).
-        gather = full_weights(model) if self.sync.name in ("reload", "ipc", "broadcast") else contextlib.nullcontext()
-        with gather:
-            if main:
-                metrics, check = self._push(model, step, ours)
-        trainer.accelerator.wait_for_everyone()
-        self.synced_step = step
-        return metrics, check
-
-    def _push(self, model, step: int, ours) -> tuple[dict[str, float], Future | None]:
-        metrics: dict[str, float] = {}
-        if self.synced_step is None and self.verifier is not None and self.sync.name != "nccl":
-            # First call: the server loaded the model from disk; push only if it is not ours
-            # (a resumed run, or a server started from another checkpoint).
-            try:
-                diff = self.verifier.check(model, step, ours)
-                metrics["sync/verify_max_logprob_diff"] = diff
-                metrics["sync/verify_bound"] = self.verifier.last_bound
-                return metrics, None
-            except WeightSyncError:
-                pass
-        metrics["sync/seconds"] = self.sync.push(model)
-        metrics.update({f"sync/{phase}": seconds for phase, seconds in self.sync.phases.items()})
-        if self.verifier is None:
-            return metrics, None
-        # The check (one prompt scored by vLLM, ~50 ms on a GPU) runs while the batch's rollouts do:
-        # the push is complete, so both see the same weights, and no batch is used before it passes.
-        return metrics, self._checker.submit(self.verifier.check, model, step, ours)
-
-    def _finish_check(self, check: Future | None) -> dict[str, float]:
-        """Wait for the check of the pushed weights; raises WeightSyncError if they are not served."""
-        if check is None:
-            return {}
-        start = time.monotonic()
-        diff = check.result()
-        return {"sync/verify_max_logprob_diff": diff, "sync/verify_bound": self.verifier.last_bound,
-                "sync/verify_wait_seconds": time.monotonic() - start}
-
+    # --- servers restarted under a batch ------------------------------------------------------
     def _follow_restarts(self) -> None:
-        """After servers were restarted: find Gym's agents again, and make the next sync check (and
-        if need be push) the weights, since a new vLLM serves the ones on disk."""
+        """After servers were restarted: find Gym's agents again, and push the weights again, since a
+        new vLLM serves the ones on disk."""
         if self.supervisor is None or self.supervisor.generation == self.seen_generation:
             return
         self.seen_generation = self.supervisor.generation
-        self.sync.servers_restarted()
+        self.publisher.servers_restarted()
         if self.rediscover is not None:
             self.engine.topology = self.rediscover()
-        self.synced_step = None
 
     def _recover_or_raise(self) -> None:
         """After a sync or its check failed: restart the server that exited under it
@@ -124,64 +63,56 @@ class GymRolloutFunc:
             raise
         self._follow_restarts()
 
-    def _supervised_sync(self, trainer) -> tuple[dict[str, float], Future | None]:
-        """_sync, once more after restarting a server that exited under it."""
+    def _publish(self, trainer) -> tuple[dict[str, float], Future | None]:
+        """The publisher's push, once more after restarting a server that exited under it."""
         try:
-            return self._sync(trainer)
+            return self.publisher.publish(trainer)
         except (ServerError, WeightSyncError):
             self._recover_or_raise()
-        return self._sync(trainer)
+        return self.publisher.publish(trainer)
 
     def _run_batch(self, rows: list[dict], trainer, metrics: dict[str, float], check: Future | None):
         """The batch's rollouts, with the sync's check running beside them: the outcomes are returned
         only once the check passed. A server restarted mid-batch, or a failed check that a restart
-        recovers from, runs the whole batch again on freshly synced weights."""
+        recovers from, runs the whole batch again on freshly pushed weights."""
         step = trainer.state.global_step
         while True:
             try:
                 outcomes = self.engine.run(rows)
             except ServersRestarted as e:
                 log.warning("step %d: the batch in flight is run again after restarting %s", step, ", ".join(e.names))
-                self._drop_check(check)
+                self.publisher.drop(check)
                 self._follow_restarts()
-                more, check = self._supervised_sync(trainer)
+                more, check = self._publish(trainer)
                 metrics.update(more)
                 continue
             try:
-                metrics.update(self._finish_check(check))
+                metrics.update(self.publisher.settle(check))
                 return outcomes
             except (ServerError, WeightSyncError):
                 self._recover_or_raise()
                 log.warning("step %d: the batch is run again: the sync check failed and a server was restarted", step)
-                self.synced_step = None  # push and check again, whatever was restarted
-                more, check = self._supervised_sync(trainer)
+                self.publisher.push_again()
+                more, check = self._publish(trainer)
                 metrics.update(more)
 
     def _warn_in_flight(self, batch: int) -> None:
-        """Once per run: a cap on rollouts in flight below half the batch slows every rollout phase (on
-        2x H200, 64 of 256 in flight took 1.39x the time of all 256; 128 of 256, 1.04x)."""
+        """Once per run: a cap on rollouts in flight below half the batch slows every rollout phase
+        (docs/performance.md measures it)."""
         cap = self.engine.max_concurrency
         if self._warned_in_flight or 2 * cap >= batch:
             return
         self._warned_in_flight = True
         log.warning("rollout.max_concurrency=%d lets fewer than half of this process's %d rollouts a batch run at once: "
-                    "the rollout phase runs in waves (1.39x slower at 64 of 256 on 2x H200, "
-                    "bench/results/gpu-bench/prompt-ids-collect-inflight-2xh200/). Raise it to %d unless the "
-                    "environment needs the cap.", cap, batch, batch)
-
-    @staticmethod
-    def _drop_check(check: Future | None) -> None:
-        """A check whose batch is abandoned: its outcome no longer matters, only that it is over."""
-        if check is not None:
-            with contextlib.suppress(Exception):
-                check.result()
+                    "the rollout phase runs in waves. Raise it to %d unless the environment needs the cap.",
+                    cap, batch, batch)
 
     # --- the TRL entry point -----------------------------------------------------------------
     def __call__(self, prompts: list, trainer) -> dict:
         if self.supervisor is not None:
             self.supervisor.check()  # a server that exited since the last batch: restarted, or the run stops
         self._follow_restarts()
-        metrics, check = self._supervised_sync(trainer)
+        metrics, check = self._publish(trainer)
         rows = [self.rows[key] for key in prompts]
         self._warn_in_flight(len(rows))
         start = time.monotonic()
@@ -195,7 +126,7 @@ class GymRolloutFunc:
         out = to_trl_batch(outcomes, self.placeholder, rows)
         metrics.update(batch_metrics(outcomes))
         metrics.update(self.engine.ledger.snapshot())
-        self.pending_metrics = metrics
+        self.channel.put(metrics, [(o.env, o.trajectory.turn_spans if o.trajectory else []) for o in outcomes])
         return out
 
 
@@ -275,15 +206,15 @@ def prefix_mismatch_metrics(prefix: str, outcomes: list[RolloutOutcome]) -> dict
     }
 
 
-def make_env_reward(rollout_func: GymRolloutFunc):
+def make_env_reward(channel: StepChannel):
     """TRL reward function returning the environment's reward (None for excluded rollouts), which
     also hands the rollout's metrics to TRL's metric buffer (log_metric averages across ranks)."""
 
     def env_reward(completions, env_reward, log_metric=None, **kwargs):
+        metrics = channel.take_metrics()
         if log_metric is not None:
-            for name, value in rollout_func.pending_metrics.items():
+            for name, value in metrics.items():
                 log_metric(name, float(value))
-        rollout_func.pending_metrics = {}
         return list(env_reward)
 
     return env_reward

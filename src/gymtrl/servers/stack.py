@@ -23,7 +23,7 @@ from gymtrl.servers.gym import gym_command
 from gymtrl.servers.process import ManagedProcess, http_ok
 from gymtrl.servers.vllm import (RECEIVER_STRATEGIES, judge_vllm_command, judge_vllm_env, served_model_name, vllm_command, vllm_env,
                                  vllm_python)
-from gymtrl.sync.vllm_control import VLLMControl
+from gymtrl.servers.vllm_control import VLLMControl
 from gymtrl.vllm_plugin.install import ensure_installed
 from gymtrl.vllm_plugin.plugin import ENV_SWITCH
 

@@ -43,6 +43,29 @@ class Supervisor:
         self.generation = 0  # bumped by every restart; a consumer re-syncs when it changes
         self.last_restarted: list[str] = []
 
+    @classmethod
+    def from_config(cls, cfg, stack: "ServerStack", world: int, strategy: str) -> "Supervisor":
+        """The run's supervision section. Restarting applies to single-process runs: with several
+        processes the others would go on rolling out against the dead server, out of step."""
+        on_exit = cfg.supervision.on_server_exit
+        if on_exit == "restart" and world > 1:
+            log.warning("supervision.on_server_exit=restart applies to single-process runs; with %d processes a "
+                        "server that exits stops the run", world)
+            on_exit = "stop"
+        return cls(stack, on_exit, cfg.supervision.max_restarts, can_resync_vllm=strategy != "nccl")
+
+    def watch_callback(self):
+        """A TrainerCallback that checks the launched servers after every optimizer step."""
+        from transformers import TrainerCallback
+
+        supervisor = self
+
+        class WatchServers(TrainerCallback):
+            def on_step_end(self, *a, **k):
+                supervisor.check()  # a launched server that exited: restarted, or the run stops with its log tail
+
+        return WatchServers()
+
     def check(self) -> bool:
         """Raise if a launched server has exited and may not be restarted; restart it if it may.
         Returns whether servers were restarted."""

@@ -9,9 +9,9 @@ from gymtrl.config.schema import Config
 from gymtrl.errors import ConfigError
 from gymtrl.vllm_plugin.plugin import ENV_SWITCH
 
-# The worker extension that takes gymtrl's own weight pushes (sync.strategy ipc and broadcast).
+# The worker extension that takes gymtrl's own weight pushes and stamps what it loaded (reload, ipc, broadcast).
 RECEIVER_CLASS = "gymtrl_vllm_plugin.receivers.WeightReceiver"
-RECEIVER_STRATEGIES = ("ipc", "broadcast")
+RECEIVER_STRATEGIES = ("reload", "ipc", "broadcast")
 
 
 def served_model_name(cfg: Config) -> str:

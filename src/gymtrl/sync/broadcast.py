@@ -20,10 +20,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from urllib.parse import urlsplit
 
 from gymtrl.errors import WeightSyncError
-from gymtrl.sync.ipc import bucket_size, buffer_for, check_receivers, pack_bucket, plan_push, receiver_rpc
-from gymtrl.sync.strategies import WeightSync, tied_head
-from gymtrl.sync.vllm_control import VLLMControl
+from gymtrl.servers.vllm_control import VLLMControl
+from gymtrl.sync.base import Expected, WeightSync, tied_head
+from gymtrl.sync.buckets import bucket_layout, bucket_size, bucket_views, buffer_for, pack_bucket, plan_push
+from gymtrl.sync.receiver import check_receivers, commit_push, receiver_rpc
 from gymtrl.vllm_plugin.broadcast_receiver import make_group, ready_key, ready_keys
+from gymtrl.vllm_plugin.load_stamp import digests
 from gymtrl.vllm_plugin.weight_receiver import DTYPES, PAYLOAD_VERSION
 
 JOIN_METHOD = "gymtrl_join_weight_group"
@@ -46,6 +48,7 @@ class BroadcastSync(WeightSync):
     name = "broadcast"
 
     def __init__(self, control: VLLMControl, bucket_mb: int, vllm_dtype: str, timeout_s: float):
+        super().__init__()
         self.control = control
         self.bucket_bytes = bucket_mb * 2**20
         self.vllm_dtype = vllm_dtype if vllm_dtype in DTYPES else None
@@ -103,29 +106,33 @@ class BroadcastSync(WeightSync):
         by_name = dict(params)
         plan = plan_push(params, self.vllm_dtype, self.bucket_bytes)
         self.flat = buffer_for(self.flat, plan, device)
+        expected = Expected(self.new_push_id())
         with torch.no_grad():
             for i, bucket in enumerate(plan):
                 t0 = time.monotonic()
                 pack_bucket(self.flat, bucket, by_name)
+                expected.digests.update(digests(zip((p.name for p in bucket), bucket_views(self.flat, bucket))))
                 t1 = time.monotonic()
-                results = self._send(bucket, last=i == len(plan) - 1)
+                results = self._send(bucket, expected.push, last=i == len(plan) - 1)
                 phases["pack_seconds"] += t1 - t0
                 phases["send_seconds"] += time.monotonic() - t1
                 for key in ("recv", "load"):  # the slowest worker's, as seen inside vLLM
                     phases[f"{key}_seconds"] += max(float(r.get(f"{key}_s", 0.0)) for r in results)
+        commit_push(self.control, expected.push)
+        self.expected = expected
         t0 = time.monotonic()
         self.control.reset_prefix_cache()  # its cached KV was computed with the old weights
         phases["reset_seconds"] = time.monotonic() - t0
         self.phases = phases
         return time.monotonic() - start
 
-    def _send(self, bucket, last: bool) -> list[dict]:
+    def _send(self, bucket, push: str, last: bool) -> list[dict]:
         """One bucket: the layout by HTTP (answered once every worker loaded it), the bytes by broadcast,
         started only once every worker said it takes them."""
         size = bucket_size(bucket)
         self.seq += 1
-        payload = json.dumps({"version": PAYLOAD_VERSION, "seq": self.seq, "size": size, "last": last,
-                              "tensors": [[p.name, p.dtype, p.shape, p.offset, p.nbytes] for p in bucket]})
+        payload = json.dumps({"version": PAYLOAD_VERSION, "seq": self.seq, "size": size, "last": last, "push": push,
+                              "tensors": bucket_layout(bucket)})
         call: Future = self._calls.submit(receiver_rpc, self.control, RECEIVE_METHOD, {"payload": payload}, "take the weights")
         deadline = time.monotonic() + self.timeout_s
         keys = [ready_key(self.seq, rank) for rank in range(1, self.world)]

@@ -1,9 +1,18 @@
-"""Prove after every sync that vLLM serves the trainer's weights.
+"""Prove after every sync that vLLM serves the trainer's weights, in two independent ways.
 
 A silently stale inference server is the failure that costs most: the run goes on, rewards look
-plausible, and the policy being trained is not the one generating. So after each push the server
-scores a fixed probe sequence and its logprobs must equal the trainer's, token by token, within a
-tolerance set by the dtypes in play. A mismatch stops the run.
+plausible, and the policy being trained is not the one generating. So after each push:
+
+1. The exact check (StampCheck), wherever gymtrl owns vLLM's receiving side (reload, ipc,
+   broadcast): every vLLM worker's stamp must name this push, and the digest of every tensor it
+   loaded must equal the trainer's (gymtrl.vllm_plugin.load_stamp). It does not depend on the
+   learning rate or the dtype: a server that missed one step at lr 1e-6 in bf16 fails it.
+2. The behavioural check (ProbeCheck), for every strategy: the server scores a fixed probe
+   sequence and its logprobs must equal the trainer's within a bound set by the dtypes in play. It
+   catches what loading the right bytes cannot (a wrong model, a head left out of the load), but in
+   bf16 a small step moves the probe less than the bound, so alone (sync.strategy=nccl) it cannot
+   tell a stale server from a fresh one.
+A mismatch of either stops the run.
 """
 
 from __future__ import annotations
@@ -11,7 +20,9 @@ from __future__ import annotations
 import torch
 
 from gymtrl.errors import WeightSyncError
-from gymtrl.sync.vllm_control import VLLMControl
+from gymtrl.servers.vllm_control import VLLMControl
+from gymtrl.sync.base import Expected
+from gymtrl.sync.receiver import load_stamps
 
 PROBE_MESSAGES = [
     {"role": "system", "content": "gymtrl weight check."},
@@ -54,7 +65,7 @@ def trainer_logprobs(model, token_ids: list[int], with_max_logit: bool = False):
         model.train(was_training)
 
 
-class SyncVerifier:
+class ProbeCheck:
     def __init__(self, control: VLLMControl, served_model: str, probe_ids: list[int], tolerance: float,
                  scale_with_logits: bool = False):
         self.control = control
@@ -114,3 +125,32 @@ class SyncVerifier:
                 f"them by {moved:.3g})",
                 hint="a weight sync did not reach the server; check sync.strategy and the server's log",
             )
+
+
+class StampCheck:
+    """vLLM's workers hold exactly the weights of the last push (see the module docstring, 1)."""
+
+    def __init__(self, control: VLLMControl):
+        self.control = control
+
+    def check(self, expected: Expected, step: int) -> int:
+        """Raise WeightSyncError unless every worker's stamp is `expected`; return the tensors compared."""
+        for rank, stamp in enumerate(load_stamps(self.control)):
+            stamp = stamp if isinstance(stamp, dict) else {}
+            if stamp.get("push") != expected.push:
+                held = stamp.get("push")
+                raise WeightSyncError(
+                    f"after step {step}, vLLM worker {rank} did not complete this step's weight push ({expected.push}): "
+                    + (f"the last load it completed was push {held}" if held else "it completed no push from this run "
+                       "(a restarted or replaced server serves the weights it started with)"),
+                    hint="a weight sync did not reach the server; see vLLM's log")
+            theirs = stamp.get("digests") or {}
+            missing = sorted(set(expected.digests) - set(theirs))
+            differ = sorted(n for n in expected.digests if n in theirs and theirs[n] != expected.digests[n])
+            if missing or differ:
+                names = ", ".join((differ + missing)[:3])
+                raise WeightSyncError(
+                    f"after step {step}, vLLM worker {rank} loaded other bytes than the trainer sent: {len(differ)} of "
+                    f"{len(expected.digests)} tensors differ and {len(missing)} are missing (first: {names})",
+                    hint="the weights were corrupted or cut short on the way; see vLLM's log")
+        return len(expected.digests)

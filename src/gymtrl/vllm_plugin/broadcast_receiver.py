@@ -101,6 +101,8 @@ class BroadcastWeightReceiver:
         t0 = time.perf_counter()
         group.broadcast(flat[:size], 0).wait()
         t1 = time.perf_counter()
+        if data.get("push"):  # digests of the bytes received, before a CPU load may reuse them
+            self._gymtrl_note_loaded(data["push"], views)  # type: ignore[attr-defined]  # (load_stamp.LoadStamp)
         self._gymtrl_load(views, bool(data.get("last", True)))
         if flat.is_cuda:
             torch.cuda.synchronize(flat.device)  # the next bucket overwrites this buffer

@@ -93,6 +93,8 @@ class IpcWeightReceiver:
         model = self.get_model()  # type: ignore[attr-defined]
         with torch.no_grad():
             model.load_weights(views)
+        if data.get("push"):
+            self._gymtrl_note_loaded(data["push"], views)  # type: ignore[attr-defined]  # (load_stamp.LoadStamp)
         # The copies read the trainer's buffer: they must be done before the trainer reuses it.
         torch.cuda.synchronize(device_index)
         del views
