@@ -6,15 +6,14 @@ that returns fixed outcomes (STUB_rollout_func_returning_fixed_outcomes), the mo
 Qwen2 built by scripts/make_tiny_model.py's own functions.
 
 Two paths:
-- use_vllm=False, the trainer gymtrl builds today for every sync but nccl (build_grpo_config): TRL
-  keeps no importance-sampling ratio; the failed row is out of the loss because its env_mask is 0.
-- The importance-sampling correction on (TRL's use_vllm path, as for the nccl sync): TRL multiplies
+- The correction off (grpo.vllm_importance_sampling_correction=false): TRL keeps no
+  importance-sampling ratio; the failed row is out of the loss because its env_mask is 0.
+- The importance-sampling correction on (gymtrl's default under every sync, trl_seam): TRL multiplies
   the loss by exp(sum over the loss mask of trainer logprob - sampling logprob). The failed row's
   mask is all 0, so its ratio is exactly 1 whatever its placeholder logprob [0.0] says, and it is
   still out of the loss. Without the mask, the placeholder's logprob 0.0 against the trainer's
   ~-log(vocab) would give the row a ratio of about 1/vocab; with it, nothing about the row matters
-  (checked by changing its token and logprob). The trainer is built with use_vllm=False (no server)
-  and the two flags are set on it afterwards, which is all TRL's scoring and loss read.
+  (checked by changing its token and logprob).
 
 Loss types: TRL's default (dapo, which gymtrl keeps) and bnpo divide by the number of loss tokens, so
 a batch with the failed row gives exactly the gradient of the batch without it. grpo and dr_grpo
@@ -26,12 +25,13 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import types
 
 import pytest
 import torch
 
 from conftest import REPO
+from gymtrl import trl_seam
+from gymtrl.metrics import StepChannel
 from gymtrl.rollout.engine import RolloutOutcome
 from gymtrl.rollout.failures import FailureKind
 from gymtrl.rollout.rollout_func import make_env_reward, to_trl_batch
@@ -91,6 +91,8 @@ def make_trainer(tiny, tmp_path, batch: dict, loss_type: str | None = None, impo
     tmp_path.mkdir(parents=True, exist_ok=True)
     config = tmp_path / "c.yaml"
     extra = f", loss_type: {loss_type}" if loss_type else ""
+    if not importance_sampling:
+        extra += ", vllm_importance_sampling_correction: false"
     config.write_text(f"""
 model: {{name_or_path: unused, dtype: float32}}
 data: {{train: [unused.jsonl]}}
@@ -105,17 +107,15 @@ output: {{dir: {tmp_path / 'run'}}}
         assert len(prompts) == len(batch["prompt_ids"])
         return {k: list(v) for k, v in batch.items()}
 
-    env_reward = make_env_reward(types.SimpleNamespace(pending_metrics={}))  # gymtrl's reward function
+    env_reward = make_env_reward(StepChannel())  # gymtrl's reward function
     trainer = GRPOTrainer(model=copy.deepcopy(model), reward_funcs=[env_reward], args=args,
                           train_dataset=Dataset.from_dict({"prompt": ["row-a", "row-b"]}),
                           processing_class=tokenizer, rollout_func=STUB_rollout_func_returning_fixed_outcomes)
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer's loop for each step; one here
     if importance_sampling:
-        # What TRL's use_vllm path reads in scoring and loss; the vLLM client itself is not needed.
-        trainer.use_vllm = True
-        trainer.vllm_importance_sampling_correction = True
-        trainer._last_loaded_step = trainer.state.global_step  # "weights already synced": no client call
+        trl_seam.use_sampler_correction(trainer, "reload")  # as gymtrl's recipe does for every sync but nccl
+        assert trainer.use_vllm and trainer.vllm_importance_sampling_correction
     return trainer
 
 
@@ -158,7 +158,7 @@ def build(tiny, tmp_path, placeholder: int, placeholder_logprob: float = 0.0, **
     return trainer, outs, batch
 
 
-@pytest.mark.parametrize("importance_sampling", [False, True], ids=["use_vllm=False", "importance_sampling"])
+@pytest.mark.parametrize("importance_sampling", [False, True], ids=["correction_off", "correction_on"])
 def test_a_failed_rollout_gets_advantage_0_and_contributes_no_gradient(tiny, tmp_path, importance_sampling):
     tokenizer, _ = tiny
     eos = tokenizer.eos_token_id  # gymtrl's placeholder (train.py: eos, else pad)
