@@ -139,7 +139,7 @@ def test_a_real_vllm_loads_the_receiver_and_its_call_reaches_it(servers, monkeyp
         # the refused one above (a fault injected in place of share_payload).
         monkeypatch.setattr("gymtrl.sync.ipc.share_payload", lambda flat, bucket, push="": json.dumps({"version": 999}))
         with pytest.raises(ServerError) as e:
-            IpcSync(control, bucket_mb=1, vllm_dtype="bfloat16")._send([Placed("w", "float32", [2], 0, 8)])
+            IpcSync(control, bucket_mb=1, vllm_dtype="bfloat16")._send([Placed("w", "float32", [2], 0, 8)], push="p1")
         assert "did not take the weights over CUDA IPC" in e.value.message and "vLLM's log" in e.value.hint
     finally:
         control.close()
