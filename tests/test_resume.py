@@ -4,7 +4,6 @@ the environment reaches anything the run writes."""
 
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -49,11 +48,14 @@ def rows_by_step(row_log):
     return steps
 
 
-def wait_for_checkpoint(proc, run_dir, step, timeout_s=300):
+def wait_until_held(proc, row_log, step, timeout_s=300):
+    """Until the run holds in `step` (tests/row_recorder.py, GYMTRL_TEST_HOLD_AT_STEP): that step's
+    rollouts are scored, its update and checkpoint not begun. The deadline only catches a hang."""
+    marker = Path(f"{row_log}.held-{step}")
     deadline = time.monotonic() + timeout_s
-    while not (run_dir / "checkpoints" / f"checkpoint-{step}" / MARKER).exists():
+    while not marker.exists():
         assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.monotonic() < deadline, "no checkpoint in time"
+        assert time.monotonic() < deadline, f"the run did not reach step {step} in time"
         time.sleep(0.2)
 
 
@@ -71,36 +73,35 @@ def uninterrupted(servers, tmp_path_factory):
 
 def test_killed_preempted_and_resumed_runs_see_the_same_data_order(servers, uninterrupted, tmp_path):
     run_dir, log = tmp_path / "run", tmp_path / "rows.jsonl"
-    # 1. SIGKILL at a random moment after the first complete checkpoint: mid-step or mid-save.
-    proc = start(servers, tmp_path, run_dir, log)
-    wait_for_checkpoint(proc, run_dir, 1)
-    time.sleep(random.uniform(0.0, 2.0))
+    # Every interruption happens at a fixed point (tests/row_recorder.py holds the run there), so each
+    # run of this test checks the same thing.
+    # 1. SIGKILL in the middle of step 2: checkpoint 1 complete, step 2's batch scored, its update not made.
+    proc = start(servers, tmp_path, run_dir, log, env={"GYMTRL_TEST_HOLD_AT_STEP": "2"})
+    wait_until_held(proc, log, 2)
     proc.kill()
     proc.communicate()
-    # A save cut short (fault injected by hand, so that this case is always exercised): the newest
-    # checkpoint directory, without its completion marker and with its weights truncated.
     saved = checkpoints(run_dir / "checkpoints")
-    newest = saved[-1][1]
-    broken = run_dir / "checkpoints" / f"checkpoint-{saved[-1][0] + 1}"
-    shutil.copytree(newest, broken)
+    assert [step for step, path in saved if (path / MARKER).exists()] == [1], saved
+    # A save cut short (fault injected by hand, so that this case is always exercised): the next
+    # checkpoint directory, without its completion marker and with its weights truncated.
+    broken = run_dir / "checkpoints" / "checkpoint-2"
+    shutil.rmtree(broken, ignore_errors=True)
+    shutil.copytree(run_dir / "checkpoints" / "checkpoint-1", broken)
     (broken / MARKER).unlink(missing_ok=True)
     (broken / "model.safetensors").write_bytes(b"truncated")
 
-    # 2. Resume, then SIGTERM (preemption): it saves a checkpoint and stops with one line.
-    lines_before = len(log.read_text().splitlines())
-    proc = start(servers, tmp_path, run_dir, log, "--resume", "auto")
-    deadline = time.monotonic() + 300
-    while len(log.read_text().splitlines()) == lines_before:  # until the resumed run is mid-step
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    # 2. Resume (from checkpoint 1: it redoes step 2), then SIGTERM in the middle of step 3
+    # (preemption): the step finishes, it saves checkpoint 3 and stops with one line.
+    proc = start(servers, tmp_path, run_dir, log, "--resume", "auto", env={"GYMTRL_TEST_HOLD_AT_STEP": "3"})
+    wait_until_held(proc, log, 3)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 143, stderr[-3000:]
     assert f"skipping {broken}" in stderr
+    assert f"resuming from {run_dir / 'checkpoints' / 'checkpoint-1'}" in stderr, stderr[-3000:]
     [line] = [l for l in stderr.splitlines() if l.startswith("gymtrl: error:")]
-    assert "stopped by SIGTERM at step" in line and "Traceback" not in stderr
-    stopped_at = int(line.split("at step ")[1].split(";")[0])
+    assert "stopped by SIGTERM at step 3;" in line and "Traceback" not in stderr, line
+    stopped_at = 3
     assert (run_dir / "checkpoints" / f"checkpoint-{stopped_at}" / MARKER).exists()
 
     # 3. Resume again and finish.
