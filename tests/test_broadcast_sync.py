@@ -108,7 +108,7 @@ def test_a_refused_bucket_fails_at_once_with_the_reason_and_the_group_stays_usab
     with pytest.raises(WeightSyncError) as e:
         sync.push(perturbed(original, 3))
     assert time.monotonic() - start < 10
-    assert "refused a weight bucket: refused: gymtrl weight payload version 999 is not 1" in e.value.message
+    assert f"refused a weight bucket: refused: gymtrl weight payload version 999 is not {PAYLOAD_VERSION}" in e.value.message
     assert "vllm-plugin install" in e.value.hint
     monkeypatch.undo()
     changed = perturbed(original, 4)

@@ -13,7 +13,7 @@ from gymtrl.sync.buckets import Placed, bucket_size, pack_bucket, plan_buckets
 from gymtrl.sync.ipc import RECEIVER_METHOD, IpcSync
 from gymtrl.servers.vllm_control import VLLMControl
 from gymtrl.sync.factory import check_strategy, choose_strategy, vllm_shares_trainer_gpu
-from gymtrl.vllm_plugin.weight_receiver import ALIGN_BYTES, tensor_views
+from gymtrl.vllm_plugin.weight_receiver import ALIGN_BYTES, PAYLOAD_VERSION, tensor_views
 
 
 def tiny_qwen(seed: int, tied: bool) -> Qwen2ForCausalLM:
@@ -133,7 +133,7 @@ def test_a_real_vllm_loads_the_receiver_and_its_call_reaches_it(servers, monkeyp
     try:
         with pytest.raises(ServerError, match="HTTP 500"):
             control.collective_rpc(RECEIVER_METHOD, {"payload": json.dumps({"version": 999})})
-        assert "gymtrl weight payload version 999 is not 1" in log.read_text()
+        assert f"gymtrl weight payload version 999 is not {PAYLOAD_VERSION}" in log.read_text()
 
         # Through the trainer's side: a CUDA buffer's handle cannot be made here, so the payload is
         # the refused one above (a fault injected in place of share_payload).

@@ -35,13 +35,17 @@ def test_a_digest_sees_one_bf16_ulp_and_nothing_else():
     assert tensor_digest(t.reshape(7000)).endswith(".7000")
 
 
-def test_a_digest_is_the_same_across_chunks_and_dtypes_differ(monkeypatch):
+def test_a_digest_covers_every_chunk_and_the_dtype():
     import gymtrl.vllm_plugin.load_stamp as load_stamp
 
-    t = torch.randn(5000)
+    t = torch.randn(3 * load_stamp.CHUNK + 5)
     whole = tensor_digest(t)
-    monkeypatch.setattr(load_stamp, "CHUNK", 333)  # the chunking is an implementation detail
-    assert tensor_digest(t) == whole
+    for at in (0, load_stamp.CHUNK - 1, 2 * load_stamp.CHUNK + 3, t.numel() - 1):  # each chunk, the tail
+        bumped = t.clone()
+        bumped.view(torch.int32)[at] += 1
+        assert tensor_digest(bumped) != whole
+    moved = torch.cat([t[load_stamp.CHUNK:2 * load_stamp.CHUNK], t[:load_stamp.CHUNK], t[2 * load_stamp.CHUNK:]])
+    assert tensor_digest(moved) != whole  # two chunks swapped
     assert tensor_digest(t.to(torch.bfloat16)) != whole
 
 

@@ -62,7 +62,10 @@ def build_sync(cfg: Config, strategy: str, control: VLLMControl, out_dir: Path) 
     if strategy in ("ipc", "broadcast"):
         check_receivers(control)
     if strategy == "reload":
-        return ReloadSync(control, Path(cfg.sync.dir or out_dir / "weight_sync"), stamped=_has_receiver(control))
+        if cfg.vllm.launch.enabled:  # gymtrl started vLLM with its receiver: it must answer
+            check_receivers(control)
+        stamped = cfg.vllm.launch.enabled or _has_receiver(control)
+        return ReloadSync(control, Path(cfg.sync.dir or out_dir / "weight_sync"), stamped=stamped)
     if strategy == "ipc":
         return IpcSync(control, cfg.sync.bucket_mb, cfg.vllm.dtype)
     if strategy == "broadcast":

@@ -8,24 +8,41 @@ answers, independently of the learning rate or the dtype: did the last completed
 carry exactly the trainer's weights of this step? A server that missed a push keeps the older stamp,
 a restarted one has none, and a corrupted transfer has other digests.
 
-The digest is integer arithmetic on the raw bits (no float rounding, no order dependence across
-devices or torch versions): for element i with bits b, x = (b + 40503 i) mod p, x = (x^2 + c) mod p,
-x = (a x) mod p, summed mod p, for p = 2^31 - 1 and two (a, c) pairs. A changed tensor goes unseen
-with probability about 2^-62.
+The digest is exact integer arithmetic on the raw bits, with no float rounding and no dependence on
+the order of summation, so a CPU and a GPU, or two torch versions, agree on it: each element's bits
+b (as an unsigned integer) times a fixed pseudo-random odd 64-bit weight w of its position, summed
+modulo 2^64 (one multiply and one sum per element). A single changed element changes the sum by
+(b' - b) w, never 0 modulo 2^64 for an odd w; any other change goes unseen with probability about
+2^-64.
 
 Only torch is imported here: this module runs inside vLLM's environment, without gymtrl.
 """
 
 from __future__ import annotations
 
-P = 2**31 - 1
-LANES = ((1103515245, 12345), (69069, 1013904223))
-CHUNK = 1 << 22
+CHUNK = 1 << 20  # elements digested at a time (bounds the int64 temporaries; part of the definition)
+MASK64 = (1 << 64) - 1
 _BITS = {1: ("uint8", 0xFF), 2: ("int16", 0xFFFF), 4: ("int32", 0xFFFFFFFF)}
+_weights: dict = {}  # (device, length) -> the odd position weights of a chunk
+
+
+def _chunk_weights(n: int, device):
+    """Odd pseudo-random int64 weights for positions 0..n-1 (a splitmix-style mix of the index),
+    made once per device and length."""
+    import torch
+
+    key = (str(device), n)
+    if key not in _weights:
+        w = torch.arange(n, dtype=torch.int64, device=device) * -7046029254386353131  # 0x9E3779B97F4A7C15
+        w = w ^ (w >> 31)
+        w = w * -4658895280553007687  # 0xBF58476D1CE4E5B9
+        w = w ^ (w >> 29)
+        _weights[key] = w | 1
+    return _weights[key]
 
 
 def tensor_digest(tensor) -> str:
-    """Exact digest of a tensor's bytes and shape, computed on its own device: '<lane1>.<lane2>.<numel>'."""
+    """Exact digest of a tensor's bytes, computed on its own device: '<sum as 16 hex digits>.<numel>'."""
     import torch
 
     flat = tensor.detach().contiguous().view(-1)
@@ -34,17 +51,14 @@ def tensor_digest(tensor) -> str:
         raise ValueError(f"cannot digest a tensor of {flat.dtype} ({size}-byte elements)")
     view_dtype, mask = _BITS[size]
     ints = flat.view(getattr(torch, view_dtype))
-    sums = [0, 0]
+    total = 0
     with torch.no_grad():
-        for start in range(0, ints.numel(), CHUNK):
+        for k, start in enumerate(range(0, ints.numel(), CHUNK)):
             chunk = ints[start:start + CHUNK].to(torch.int64) & mask
-            idx = torch.arange(start, start + chunk.numel(), device=chunk.device, dtype=torch.int64)
-            base = torch.remainder(chunk + idx * 40503, P)
-            for lane, (a, c) in enumerate(LANES):
-                x = torch.remainder(base * base + c, P)
-                x = torch.remainder(x * a, P)
-                sums[lane] = (sums[lane] + int(x.sum().item())) % P
-    return f"{sums[0]:08x}.{sums[1]:08x}.{flat.numel()}"
+            part = int((chunk * _chunk_weights(chunk.numel(), chunk.device)).sum().item()) & MASK64
+            # Chunks at other places weigh differently: the k-th chunk's sum times an odd constant of k.
+            total = (total + part * ((k * 0x2545F4914F6CDD1D) | 1)) & MASK64
+    return f"{total:016x}.{flat.numel()}"
 
 
 def digests(named_tensors) -> dict[str, str]:
