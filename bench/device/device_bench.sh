@@ -45,6 +45,16 @@
 #            (:8021../:11021.., 0.25 of it each, started one after another from the start of the call), the trainer
 #            on GPU 0 -> $OUT/step-turns.md
 #   stop     stops every server this script started
+# One-GPU stages (kind nvidia-h200; with .bench-src carried they run that snapshot's src/ and bench/):
+#   stamp    bench/weight_sync_one_gpu.py --stamp: the exact weight check's cost on ipc pushes (0.5B, 1.5B;
+#            STAMP_REPEATS rounds, default 7) and the lr 1e-6 premise -> $OUT/sync_stamp.md, sync_stamp.json
+#   iscorr   gymtrl's step (bench/gpu_step_vs_trl.py run, 64 x 128, IS_STEPS steps, default 10, 2 warm-up) with
+#            grpo.vllm_importance_sampling_correction true then false (IS_ORDER), the same servers (:8030/:11030,
+#            vLLM at 0.3 of GPU 0, --api-server-count 2, Gym 4 copies, ipc) -> $OUT/iscorr-*.json, iscorr-*-metrics.jsonl
+#   gen1     bench/gpu_generation.py --parts gen on those servers (GEN_ROUNDS, default 5; GEN_SHAPE, default
+#            256x256), then they stop and bench/gpu_generation_offline.py runs vLLM's offline engine on the same
+#            prompts -> $OUT/generation.md, generation.json, generation-offline.json
+# snapshot (here): git archive HEAD src bench configs into .bench-src (ignored), carried with the run calls.
 # STEP_OVERRIDES="key=value ..." (pairs, pairs-api2): gymtrl-side settings for its servers and trainer, e.g.
 #            sync.strategy=broadcast (bench-gpu.yaml names TRL's nccl, so both sides sync alike by default);
 #            RUN_TIMEOUT_256=S: the 256 x 128 runs' limit (default 100 s).
@@ -67,6 +77,13 @@ if [ "$mode" = bench-data ]; then  # here, not on the device: what the bundle's 
   find .bench-data -name __pycache__ -prune -exec rm -rf {} +
   grep -qx '/.bench-data/' .git/info/exclude || echo '/.bench-data/' >> .git/info/exclude
   du -sh .bench-data; exit 0
+fi
+
+if [ "$mode" = snapshot ]; then  # here: the committed src/, bench/ and configs/ that the one-GPU stages run
+  rm -rf .bench-src && mkdir -p .bench-src && git archive HEAD src bench configs | tar x -C .bench-src || exit 1
+  git rev-parse HEAD > .bench-src/COMMIT
+  grep -qx '/.bench-src/' .git/info/exclude || echo '/.bench-src/' >> .git/info/exclude
+  du -sh .bench-src; cat .bench-src/COMMIT; exit 0
 fi
 
 if [ "$mode" = gpu-extra ]; then  # here: gymtrl's own pure-Python needs that the image and the bundle lack
@@ -116,6 +133,12 @@ for m in /tmp/model-0.5b /tmp/model-1.5b; do trl_template "$m" || exit 4; done
 if [ "${GYMTRL_BENCH_SRC:-}" = head ]; then
   rm -rf /tmp/gymtrl-head && mkdir -p /tmp/gymtrl-head && git archive HEAD src | tar x -C /tmp/gymtrl-head || exit 3
   export GYMTRL_BENCH_SRC=/tmp/gymtrl-head/src
+fi
+# .bench-src (a `git archive HEAD src bench configs` made here and carried): run that committed snapshot's
+# src/ and bench/ scripts, whatever else the working tree that travelled holds (the one-GPU stages below).
+BENCH=bench
+if [ -d .bench-src/src ]; then
+  export GYMTRL_BENCH_SRC=$PWD/.bench-src/src; BENCH=.bench-src/bench; note "snapshot .bench-src: commit $(cat .bench-src/COMMIT)"
 fi
 export GYMTRL_BENCH_SRC=${GYMTRL_BENCH_SRC:-$PWD/src}
 note "gymtrl: $GYMTRL_BENCH_SRC, digest $(cd "$GYMTRL_BENCH_SRC" && find . -name '*.py' | sort | xargs cat | sha1sum | cut -c1-12) (device's git: $(git log -1 --format='%h' 2>/dev/null), $(git status --short src 2>/dev/null | wc -l) changed files under src/)"
@@ -183,7 +206,7 @@ stop_relay() { [ -f /tmp/relay.pid ] && kill -TERM -- "-$(cat /tmp/relay.pid)" 2
 
 collect_logs() {
   rm -rf /tmp/pack && mkdir -p /tmp/pack
-  for tag in 05b 15b c05 tw u1 u2 u3 u4 g0 g1 g2 g3 t0 t1 A B C D E F G H I J; do
+  for tag in 05b 15b c05 tw i1 stamp u1 u2 u3 u4 g0 g1 g2 g3 t0 t1 A B C D E F G H I J; do
     [ -d /tmp/srv-$tag/logs ] || continue
     mkdir -p /tmp/pack/srv-$tag
     { head -c 12000 /tmp/srv-$tag/logs/vllm.log; echo; echo "[... middle cut ...]"; tail -c 12000 /tmp/srv-$tag/logs/vllm.log; } > /tmp/pack/srv-$tag/vllm.log 2>/dev/null
@@ -224,7 +247,7 @@ run_stage() {  # NAME TIMEOUT cmd...
   local name=$1 t=$2; shift 2
   local lim=$(( $(left) - 25 )); [ $lim -lt "$t" ] && t=$lim
   note "stage $name (timeout ${t} s): $*"
-  timeout -s INT -k 15 "$t" "$@" 2>&1 | tee -a "$LOG" | grep -E "^\||^  round|RESULT|^== |rc |warm-up|collect round|Error|error|Traceback" | cut -c1-300
+  timeout -s INT -k 15 "$t" "$@" 2>&1 | tee -a "$LOG" | grep -E "^\||^  round|RESULT|^== |rc |warm-up|collect round|Error|error|Traceback|^\[[0-9.]+b\]" | cut -c1-300
   note "stage $name exit ${PIPESTATUS[0]}"
 }
 
@@ -350,7 +373,40 @@ for st in ${stages//,/ }; do
         model.name_or_path=/tmp/model-0.5b grpo.per_device_train_batch_size=16 grpo.gradient_accumulation_steps=4 \
         "${STEP_SO[@]}"
       i=0; for _ in "${turn_list[@]}"; do i=$((i + 1)); stop_servers "u$i"; done ;;
+    stamp)  # one GPU: the exact weight check's cost on ipc pushes, 0.5B and 1.5B shapes, and the lr 1e-6 premise
+            # (bench/weight_sync_one_gpu.py --stamp; its own vLLM on :8000 at 0.3 of GPU 0, one shape after the other)
+      make_model 1.5b || continue
+      need 150 stamp && run_stage stamp $(( $(left) - 20 )) env CUDA_VISIBLE_DEVICES=0 python3 "$BENCH/weight_sync_one_gpu.py" --stamp \
+        --vllm-venv /tmp/vllm-venv --model 0.5b=/tmp/model-0.5b --model 1.5b=/tmp/model-1.5b --repeats "${STAMP_REPEATS:-7}" \
+        --out "$OUT/sync_stamp.md" --json-out "$OUT/sync_stamp.json"
+      mkdir -p /tmp/srv-stamp/logs && cat /tmp/sync1gpu-*/vllm-*.log > /tmp/srv-stamp/logs/vllm.log 2>/dev/null ;;
+    iscorr)  # one GPU: gymtrl's step with TRL's importance-sampling correction on, then off, on the same servers
+             # (vLLM at 0.3 of GPU 0 with gymtrl's worker extension, --api-server-count 2, Gym 4 copies; ipc sync)
+      start_servers i1 /tmp/model-0.5b 0 8030 11030 sync.strategy=ipc gym.launch.copies=4 \
+        'vllm.launch.extra_args=[--gpu-memory-utilization,"0.3",--api-server-count,"2"]'
+      wait_servers i1 $(( $(left) - 150 )) || continue
+      for isc in ${IS_ORDER:-true false}; do
+        need 70 "iscorr-$isc" || break
+        run_stage "iscorr-$isc" 200 env CUDA_VISIBLE_DEVICES=0 python3 "$BENCH/gpu_step_vs_trl.py" run --side gymtrl \
+          --json-out "$OUT/iscorr-$isc.json" --out-dir "/tmp/bench-step/iscorr-$isc" --batch 64 --tokens 128 --steps "${IS_STEPS:-10}" \
+          --warmup 2 model.name_or_path=/tmp/model-0.5b vllm.base_url=http://127.0.0.1:8030 gym.head_server_url=http://127.0.0.1:11030 \
+          sync.strategy=ipc "grpo.vllm_importance_sampling_correction=$isc" "${STEP_SO[@]}"
+        cp "/tmp/bench-step/iscorr-$isc/metrics.jsonl" "$OUT/iscorr-$isc-metrics.jsonl" 2>/dev/null
+      done ;;
+    gen1)  # one GPU, the generation paths like-for-like on the iscorr stage's servers (gymtrl's settings: vLLM
+           # --api-server-count 2, Gym 4 copies), then those servers stopped and vLLM's offline engine on the same prompts
+      start_servers i1 /tmp/model-0.5b 0 8030 11030 sync.strategy=ipc gym.launch.copies=4 \
+        'vllm.launch.extra_args=[--gpu-memory-utilization,"0.3",--api-server-count,"2"]'
+      wait_servers i1 $(( $(left) - 100 )) || continue
+      need 60 gen1 && run_stage gen1 "${GEN_TIMEOUT:-150}" python3 "$BENCH/gpu_generation.py" --parts gen --rounds "${GEN_ROUNDS:-5}" \
+        --shape "${GEN_SHAPE:-256x256}" --vllm http://127.0.0.1:8030 --head http://127.0.0.1:11030 \
+        --label "Qwen2.5-0.5B shape, one GPU, vLLM at 0.3 of it, --api-server-count 2, gym.launch.copies 4" \
+        --out "$OUT/generation.md" --json-out "$OUT/generation.json"
+      stop_servers i1
+      need 90 gen1-offline && run_stage gen1-offline $(( $(left) - 20 )) env CUDA_VISIBLE_DEVICES=0 python3 "$BENCH/gpu_generation_offline.py" \
+        --model /tmp/model-0.5b --shape "${GEN_SHAPE:-256x256}" --rounds "${GEN_ROUNDS:-5}" --gpu-memory-utilization 0.3 \
+        --json-out "$OUT/generation-offline.json" ;;
     stop)
-      stop_relay; for tg in 15b 05b c05 tw u1 u2 u3 u4 g0 g1 g2 g3 t0 t1 A B C D E F G H I J; do stop_servers $tg; done ;;
+      stop_relay; for tg in 15b 05b c05 tw i1 u1 u2 u3 u4 g0 g1 g2 g3 t0 t1 A B C D E F G H I J; do stop_servers $tg; done ;;
   esac
 done
