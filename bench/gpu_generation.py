@@ -62,7 +62,7 @@ sys.path.insert(0, os.environ.get("GYMTRL_BENCH_SRC") or str(REPO / "src"))
 
 from gymtrl.gym.discovery import discover  # noqa: E402
 from gymtrl.rollout.engine import RolloutEngine, SamplingParams  # noqa: E402
-from gymtrl.rollout.failures import FailureBound, FailureLedger  # noqa: E402
+from gymtrl.failures import FailureBound, FailureLedger  # noqa: E402
 
 ROWS = REPO / "src/gymtrl/envs/resources_servers/digit_reply/data/train.jsonl"
 AGENT = "digit_reply_simple_agent"

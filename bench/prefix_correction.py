@@ -127,7 +127,7 @@ def main() -> int:
 
     from gymtrl.gym.discovery import discover
     from gymtrl.rollout.engine import RolloutEngine, SamplingParams
-    from gymtrl.rollout.failures import FailureBound, FailureLedger
+    from gymtrl.failures import FailureBound, FailureLedger
     from gymtrl.rollout.rollout_func import batch_metrics
     from gymtrl.servers.stack import ServerStack
 

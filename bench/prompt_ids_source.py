@@ -103,7 +103,7 @@ def main() -> int:
 
     from gymtrl.gym.discovery import discover
     from gymtrl.rollout.engine import RolloutEngine, SamplingParams
-    from gymtrl.rollout.failures import FailureBound, FailureLedger
+    from gymtrl.failures import FailureBound, FailureLedger
     from gymtrl.servers.stack import ServerStack
 
     rows = load_rows(args.rollouts)

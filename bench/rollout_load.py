@@ -43,7 +43,7 @@ import gymtrl.gym.client as client_module  # noqa: E402
 from gymtrl.config.load import load_config  # noqa: E402
 from gymtrl.gym.discovery import GymTopology, discover, wait_ready  # noqa: E402
 from gymtrl.rollout.engine import RolloutEngine, SamplingParams  # noqa: E402
-from gymtrl.rollout.failures import FailureBound, FailureLedger  # noqa: E402
+from gymtrl.failures import FailureBound, FailureLedger  # noqa: E402
 from gymtrl.servers.gym import gym_command  # noqa: E402
 from gymtrl.servers.process import ManagedProcess, http_ok  # noqa: E402
 

@@ -45,7 +45,7 @@ from rollout_load import REPO, Backend, descendants, free_port, versions, write_
 from gymtrl.config.load import load_config  # noqa: E402
 from gymtrl.gym.discovery import discover, wait_ready  # noqa: E402
 from gymtrl.rollout.engine import RolloutEngine, SamplingParams  # noqa: E402
-from gymtrl.rollout.failures import FailureBound, FailureLedger  # noqa: E402
+from gymtrl.failures import FailureBound, FailureLedger  # noqa: E402
 from gymtrl.servers.gym import gym_command  # noqa: E402
 from gymtrl.servers.process import ManagedProcess  # noqa: E402
 

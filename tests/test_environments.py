@@ -21,7 +21,7 @@ from gymtrl.gym.discovery import discover
 from gymtrl.gym.verify import function_calls, message, verify
 from gymtrl.metrics import read_metrics
 from gymtrl.rollout.engine import RolloutEngine, SamplingParams
-from gymtrl.rollout.failures import FailureBound, FailureLedger
+from gymtrl.failures import FailureBound, FailureLedger
 
 pytestmark = pytest.mark.servers
 ENVS = ["workplace_assistant", "reasoning_gym", "mcqa", "math_with_judge"]

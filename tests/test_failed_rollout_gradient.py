@@ -33,7 +33,7 @@ from conftest import REPO
 from gymtrl import trl_seam
 from gymtrl.metrics import StepChannel
 from gymtrl.rollout.engine import RolloutOutcome
-from gymtrl.rollout.failures import FailureKind
+from gymtrl.failures import FailureKind
 from gymtrl.rollout.rollout_func import make_env_reward, to_trl_batch
 from gymtrl.rollout.trajectory import Trajectory
 

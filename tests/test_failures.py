@@ -3,7 +3,7 @@
 import pytest
 
 from gymtrl.errors import RolloutFailureBoundError
-from gymtrl.rollout.failures import FailureBound, FailureKind, FailureLedger
+from gymtrl.failures import FailureBound, FailureKind, FailureLedger
 
 
 def test_counts_by_env_and_kind():

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from conftest import REPO, gym_beside
 from gymtrl.gym.discovery import discover, topology_from_config
 from gymtrl.rollout.engine import CopyPicker, RolloutEngine, SamplingParams
-from gymtrl.rollout.failures import FailureBound, FailureLedger
+from gymtrl.failures import FailureBound, FailureLedger
 from gymtrl.servers import gym_launcher
 
 GYM_CONFIG = {

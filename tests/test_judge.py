@@ -11,7 +11,7 @@ from gymtrl.errors import RolloutFailureBoundError, ServerError
 from gymtrl.gym.discovery import discover
 from gymtrl.gym.verify import message, verify
 from gymtrl.rollout.engine import RolloutEngine, SamplingParams
-from gymtrl.rollout.failures import FailureBound, FailureKind, FailureLedger
+from gymtrl.failures import FailureBound, FailureKind, FailureLedger
 from gymtrl.servers.stack import ServerStack
 
 pytestmark = pytest.mark.servers

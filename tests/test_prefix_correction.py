@@ -26,7 +26,7 @@ from conftest import free_port, server_config
 from gymtrl.gym.discovery import discover
 from gymtrl.metrics import read_metrics
 from gymtrl.rollout.engine import RolloutEngine, SamplingParams
-from gymtrl.rollout.failures import FailureBound, FailureKind, FailureLedger
+from gymtrl.failures import FailureBound, FailureKind, FailureLedger
 from gymtrl.rollout.rollout_func import batch_metrics
 from gymtrl.sync.check import trainer_logprobs
 from recording_proxy import RecordingProxy

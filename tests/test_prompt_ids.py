@@ -14,7 +14,7 @@ from gymtrl.config import load_config
 from gymtrl.errors import ConfigError
 from gymtrl.gym.discovery import discover
 from gymtrl.rollout.engine import RolloutEngine, SamplingParams
-from gymtrl.rollout.failures import FailureBound, FailureLedger
+from gymtrl.failures import FailureBound, FailureLedger
 from gymtrl.servers import gym_launcher
 
 KEY = gym_launcher.INLINE_IDS

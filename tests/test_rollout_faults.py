@@ -13,7 +13,7 @@ from gymtrl.errors import RolloutFailureBoundError
 from gymtrl.gym.client import POOL_SHARD_CONNECTIONS
 from gymtrl.gym.discovery import GymTopology
 from gymtrl.rollout.engine import RolloutEngine, SamplingParams
-from gymtrl.rollout.failures import FailureBound, FailureKind, FailureLedger
+from gymtrl.failures import FailureBound, FailureKind, FailureLedger
 from gymtrl.rollout.rollout_func import to_trl_batch
 
 FAULTS = ["setcookie", "ok", "slow", "http500", "flaky500", "hang", "slowdrip", "notjson", "truncated", "badshape",

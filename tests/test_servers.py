@@ -9,7 +9,7 @@ import torch
 from gymtrl.errors import WeightSyncError
 from gymtrl.gym.discovery import discover
 from gymtrl.rollout.engine import RolloutEngine, SamplingParams
-from gymtrl.rollout.failures import FailureBound, FailureLedger
+from gymtrl.failures import FailureBound, FailureLedger
 from gymtrl.sync.reload import ReloadSync
 from gymtrl.sync.check import ProbeCheck, probe_token_ids, trainer_logprobs
 from gymtrl.servers.vllm_control import VLLMControl
@@ -154,7 +154,7 @@ def test_the_trainer_drops_idle_connections_to_vllm_before_vllm_closes_them(serv
     connection while it is fresh and opens a new one once it has idled for IDLE_EXPIRY_S."""
     import time
 
-    from gymtrl.servers.keepalive import IDLE_EXPIRY_S
+    from gymtrl.net import IDLE_EXPIRY_S
 
     control = VLLMControl(servers.vllm_url, 30)
     ports = []

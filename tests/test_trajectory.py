@@ -2,7 +2,7 @@
 
 import pytest
 
-from gymtrl.rollout.failures import FailureKind
+from gymtrl.failures import FailureKind
 from gymtrl.rollout.trajectory import StitchError, stitch
 
 

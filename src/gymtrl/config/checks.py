@@ -4,7 +4,7 @@ rule is one ConfigError naming the key and what it may be."""
 from __future__ import annotations
 
 from gymtrl.config.schema import Config, PrepareConfig
-from gymtrl.config.urls import same_server
+from gymtrl.net import same_server
 from gymtrl.errors import ConfigError
 
 SYNC_STRATEGIES = ("auto", "nccl", "broadcast", "ipc", "reload", "none")
@@ -12,12 +12,18 @@ PROMPT_ID_SOURCES = ("generation", "tokenize")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 JUDGE_SERVERS = ("none", "policy", "url", "launch")
 PREPARE_SOURCE_KINDS = ("path", "hf", "gym_dataset", "reasoning_gym")
+# The fields each reference environment's /verify reads from the row (its VerifyRequest in 0.7.0).
+# "a|b" means either location; dotted names are nested keys.
+VERIFIER_FIELDS: dict[str, list[str]] = {
+    "workplace_assistant": ["ground_truth", "id", "category", "environment_name"],
+    "reasoning_gym": ["question", "answer", "metadata.source_dataset"],
+    "mcqa": ["expected_answer|metadata.expected_answer"],
+    "math_with_judge": ["question", "expected_answer"],
+}
 
 
 def check_prepare(prep: PrepareConfig, source: str, where: str) -> None:
     """The prepare section's values; `where` is where prepare.sources is (file and line)."""
-    from gymtrl.prepare.validate import VERIFIER_FIELDS
-
     if not prep.sources:
         raise ConfigError(f"{source}: prepare.sources lists no sources",
                           hint="add at least one {path: ...}, {hf: ...}, {gym_dataset: ...} or {reasoning_gym: ...}")
@@ -73,6 +79,7 @@ def check_values(cfg: Config, source: str) -> None:
     if sup.on_server_exit not in ("stop", "restart") or sup.max_restarts < 0:
         raise ConfigError(f"{source}: supervision.on_server_exit must be stop or restart (got '{sup.on_server_exit}'), "
                           f"and supervision.max_restarts >= 0 (got {sup.max_restarts})")
+    check_eval(cfg, source)
     j = cfg.judge
     if j.server not in JUDGE_SERVERS:
         raise ConfigError(f"{source}: judge.server must be one of {', '.join(JUDGE_SERVERS)}, got '{j.server}'")
@@ -94,3 +101,19 @@ def check_values(cfg: Config, source: str) -> None:
     if j.server == "launch" and not (j.launch.venv or cfg.vllm.launch.venv):
         raise ConfigError(f"{source}: judge.server=launch needs a vLLM venv to start the judge from",
                           hint="set judge.launch.venv (or vllm.launch.venv)")
+
+
+def check_eval(cfg: Config, source: str) -> None:
+    """The eval section, and TRL's own evaluation kept off (gymtrl's eval section replaces it)."""
+    e = cfg.eval
+    if e.samples < 1:
+        raise ConfigError(f"{source}: eval.samples must be >= 1, got {e.samples}")
+    if e.every_steps < 0:
+        raise ConfigError(f"{source}: eval.every_steps must be >= 0 (0: only at the start and end), got {e.every_steps}")
+    if e.max_rows is not None and e.max_rows < 1:
+        raise ConfigError(f"{source}: eval.max_rows must be >= 1 (or null: all rows), got {e.max_rows}")
+    if e.temperature is not None and e.temperature < 0:
+        raise ConfigError(f"{source}: eval.temperature must be >= 0 (or null: the training temperature), got {e.temperature}")
+    if str(cfg.grpo.get("eval_strategy", "no")) not in ("no", "IntervalStrategy.NO"):
+        raise ConfigError(f"{source}: grpo.eval_strategy must stay 'no': TRL's evaluation would compute a loss on "
+                          "data.eval's rows, not rewards", hint="set eval.every_steps (gymtrl's evaluation) instead")

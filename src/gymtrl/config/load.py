@@ -8,6 +8,7 @@ of the wrong type, a required key left unset, a GRPOConfig field that does not e
 from __future__ import annotations
 
 import dataclasses
+import glob
 import difflib
 import os
 from pathlib import Path
@@ -20,7 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 from gymtrl.atomic import write_text_atomic
 from gymtrl.config.checks import check_prepare, check_values
 from gymtrl.config.schema import Config, PrepareConfig
-from gymtrl.config.urls import server_root
+from gymtrl.net import server_root
 from gymtrl.errors import ConfigError
 
 # GRPOConfig fields gymtrl sets itself, and the gymtrl key to use instead.
@@ -238,8 +239,6 @@ def load_prepare_config(path: str | os.PathLike, overrides: list[str] | None = N
     if prep.gym_configs is None:
         prep.gym_configs = list(gym_configs)  # type: ignore[arg-type]
     if prep.gym_root is None:
-        from gymtrl.prepare.sources import gym_site_of
-
         prep.gym_root = gym_site_of(gym_venv)
     check_prepare(prep, str(path), _key_line(str(path), text, ["prepare", "sources"]))
     return prep
@@ -309,3 +308,11 @@ def write_resolved_config(cfg: Config, out_dir: str | os.PathLike) -> Path:
 
 
 __all__ = ["load_config", "write_resolved_config", "to_yaml"]
+
+
+def gym_site_of(venv: str | None) -> str | None:
+    """A venv's site-packages: where NeMo Gym's config and data paths resolve."""
+    if not venv:
+        return None
+    found = sorted(glob.glob(str(Path(venv).expanduser() / "lib" / "python3*" / "site-packages")))
+    return found[-1] if found else None

@@ -20,9 +20,9 @@ from typing import Any
 
 import httpx
 
-from gymtrl.rollout.failures import FailureKind
-from gymtrl.servers.keepalive import IDLE_EXPIRY_S
-from gymtrl.vllm_plugin.splice import REFUSAL_MARKER
+from gymtrl.failures import FailureKind
+from gymtrl.net import IDLE_EXPIRY_S
+from gymtrl.vllm_plugin.protocol import REFUSAL_MARKER
 
 
 @dataclass

@@ -234,9 +234,3 @@ def reasoning_gym_rows(rg: ReasoningGymSource, label: str) -> Iterator[RawRow]:
             yield RawRow(where, error=f"generator_error: {type(e).__name__}: {e}")
 
 
-def gym_site_of(venv: str | None) -> str | None:
-    """A venv's site-packages: where NeMo Gym's config and data paths resolve."""
-    if not venv:
-        return None
-    found = sorted(glob.glob(str(Path(venv).expanduser() / "lib" / "python3*" / "site-packages")))
-    return found[-1] if found else None

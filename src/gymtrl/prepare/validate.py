@@ -6,6 +6,8 @@ is what the report counts skipped rows by.
 
 from __future__ import annotations
 
+from gymtrl.config.checks import VERIFIER_FIELDS
+
 # NeMoGymResponseCreateParamsNonStreaming in NeMo Gym 0.7.0 (nemo_gym/openai_utils.py) is strict
 # (extra="forbid"): any other key in responses_create_params is a 422 from every agent's /run.
 RESPONSES_CREATE_PARAMS_KEYS = frozenset({
@@ -18,14 +20,6 @@ RESPONSES_CREATE_PARAMS_KEYS = frozenset({
 MESSAGE_ROLES = frozenset({"system", "developer", "user", "assistant"})
 ITEM_TYPES = frozenset({"message", "function_call", "function_call_output", "reasoning"})
 
-# The fields each reference environment's /verify reads from the row (its VerifyRequest in 0.7.0).
-# "a|b" means either location; dotted names are nested keys.
-VERIFIER_FIELDS: dict[str, list[str]] = {
-    "workplace_assistant": ["ground_truth", "id", "category", "environment_name"],
-    "reasoning_gym": ["question", "answer", "metadata.source_dataset"],
-    "mcqa": ["expected_answer|metadata.expected_answer"],
-    "math_with_judge": ["question", "expected_answer"],
-}
 
 
 def schema_problem(row: object) -> str | None:

@@ -28,7 +28,7 @@ from typing import Callable
 
 from gymtrl.gym.client import AgentClient, RunResult, parse_reward, response_output
 from gymtrl.gym.discovery import GymTopology
-from gymtrl.rollout.failures import FailureBound, FailureKind, FailureLedger
+from gymtrl.failures import FailureBound, FailureKind, FailureLedger
 from gymtrl.rollout.trajectory import StitchError, Trajectory, stitch, token_items
 
 

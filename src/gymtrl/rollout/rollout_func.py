@@ -24,7 +24,7 @@ from gymtrl.errors import ServerError, WeightSyncError
 from gymtrl.gym.discovery import GymTopology
 from gymtrl.metrics import StepChannel
 from gymtrl.rollout.engine import RolloutEngine, RolloutOutcome
-from gymtrl.rollout.failures import FailureKind
+from gymtrl.failures import FailureKind
 from gymtrl.servers.supervisor import ServersRestarted, Supervisor
 from gymtrl.sync.publisher import WeightPublisher
 

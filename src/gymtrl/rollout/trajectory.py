@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from gymtrl.rollout.failures import FailureKind
+from gymtrl.failures import FailureKind
 
 
 @dataclass

@@ -7,7 +7,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from gymtrl.atomic import write_text_atomic
-from gymtrl.config.urls import server_root
+from gymtrl.net import server_root
 from gymtrl.config.schema import Config
 from gymtrl.errors import ConfigError
 from gymtrl.servers.vllm import served_model_name

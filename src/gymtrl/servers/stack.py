@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from gymtrl.config.urls import server_root
+from gymtrl.net import server_root
 from gymtrl.config.schema import Config
 from gymtrl.errors import ServerError
 from gymtrl.gym.discovery import wait_ready
@@ -25,7 +25,7 @@ from gymtrl.servers.vllm import (RECEIVER_STRATEGIES, judge_vllm_command, judge_
                                  vllm_python)
 from gymtrl.servers.vllm_control import VLLMControl
 from gymtrl.vllm_plugin.install import ensure_installed
-from gymtrl.vllm_plugin.plugin import ENV_SWITCH
+from gymtrl.vllm_plugin.protocol import ENV_SWITCH
 
 log = logging.getLogger(__name__)
 

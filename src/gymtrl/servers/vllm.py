@@ -7,7 +7,7 @@ from urllib.parse import urlsplit
 
 from gymtrl.config.schema import Config
 from gymtrl.errors import ConfigError
-from gymtrl.vllm_plugin.plugin import ENV_SWITCH
+from gymtrl.vllm_plugin.protocol import ENV_SWITCH
 
 # The worker extension that takes gymtrl's own weight pushes and stamps what it loaded (reload, ipc, broadcast).
 RECEIVER_CLASS = "gymtrl_vllm_plugin.receivers.WeightReceiver"

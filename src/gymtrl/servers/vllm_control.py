@@ -7,7 +7,7 @@ import os
 import httpx
 
 from gymtrl.errors import ServerError, WeightSyncError
-from gymtrl.servers.keepalive import IDLE_EXPIRY_S
+from gymtrl.net import IDLE_EXPIRY_S
 
 
 class VLLMControl:
@@ -46,7 +46,7 @@ class VLLMControl:
         """Whether the server runs gymtrl's prefix correction, asked by behaviour: a chat /tokenize
         whose assistant messages carry token ids that contradict each other must be refused by the
         plugin (its marker in an HTTP 400), while stock vLLM ignores the ids and tokenizes."""
-        from gymtrl.vllm_plugin.splice import REFUSAL_MARKER
+        from gymtrl.vllm_plugin.protocol import REFUSAL_MARKER
 
         def turn(ids: list[int]) -> dict:
             return {"role": "assistant", "content": "ok", "prompt_token_ids": ids[:1], "generation_token_ids": ids[1:]}

@@ -26,10 +26,7 @@ from gymtrl.sync.buckets import bucket_layout, bucket_size, bucket_views, buffer
 from gymtrl.sync.receiver import check_receivers, commit_push, receiver_rpc
 from gymtrl.vllm_plugin.broadcast_receiver import make_group, ready_key, ready_keys
 from gymtrl.vllm_plugin.load_stamp import digests
-from gymtrl.vllm_plugin.weight_receiver import DTYPES, PAYLOAD_VERSION
-
-JOIN_METHOD = "gymtrl_join_weight_group"
-RECEIVE_METHOD = "gymtrl_receive_bucket"
+from gymtrl.vllm_plugin.protocol import DTYPES, JOIN_METHOD, PAYLOAD_VERSION, RECEIVE_METHOD
 
 
 def address_towards(url: str) -> str:

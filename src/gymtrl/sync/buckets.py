@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gymtrl.vllm_plugin.weight_receiver import ALIGN_BYTES
+from gymtrl.vllm_plugin.protocol import ALIGN_BYTES
 
 
 @dataclass

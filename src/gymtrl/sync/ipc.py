@@ -19,9 +19,7 @@ from gymtrl.sync.base import Expected, WeightSync
 from gymtrl.sync.buckets import Placed, bucket_layout, bucket_views, buffer_for, pack_bucket, plan_push
 from gymtrl.sync.receiver import commit_push, receiver_rpc
 from gymtrl.vllm_plugin.load_stamp import digests
-from gymtrl.vllm_plugin.weight_receiver import DTYPES, PAYLOAD_VERSION
-
-RECEIVER_METHOD = "gymtrl_load_packed"
+from gymtrl.vllm_plugin.protocol import DTYPES, LOAD_PACKED_METHOD as RECEIVER_METHOD, PAYLOAD_VERSION
 
 
 def share_payload(flat, bucket: list[Placed], push: str = "") -> str:

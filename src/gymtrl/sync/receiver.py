@@ -6,11 +6,7 @@ from __future__ import annotations
 from gymtrl.errors import ServerError, WeightSyncError
 from gymtrl.servers.vllm import RECEIVER_CLASS
 from gymtrl.servers.vllm_control import VLLMControl
-from gymtrl.vllm_plugin.weight_receiver import PAYLOAD_VERSION
-
-INFO_METHOD = "gymtrl_receiver_info"  # the receiver's version (vllm_plugin.broadcast_receiver)
-COMMIT_METHOD = "gymtrl_commit_push"  # the pending digests of a push become the workers' stamp
-STAMP_METHOD = "gymtrl_load_stamp"    # the last committed push and its digests
+from gymtrl.vllm_plugin.protocol import COMMIT_METHOD, INFO_METHOD, PAYLOAD_VERSION, STAMP_METHOD
 
 
 def receiver_rpc(control: VLLMControl, method: str, kwargs: dict[str, str], what: str) -> list:

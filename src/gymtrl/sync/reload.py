@@ -19,8 +19,7 @@ from gymtrl.servers.vllm_control import VLLMControl
 from gymtrl.sync.base import Expected, WeightSync, tied_head
 from gymtrl.sync.receiver import receiver_rpc
 from gymtrl.vllm_plugin.load_stamp import tensor_digest
-
-RELOAD_METHOD = "gymtrl_reload"
+from gymtrl.vllm_plugin.protocol import RELOAD_METHOD
 HEAD_FILE = "tied_head.safetensors"
 
 

@@ -20,7 +20,7 @@ from gymtrl import __version__
 from gymtrl.errors import ServerError
 
 DIST = "gymtrl_vllm_plugin"
-SOURCES = ("splice.py", "plugin.py", "weight_receiver.py", "broadcast_receiver.py", "load_stamp.py", "receivers.py")
+SOURCES = ("protocol.py", "splice.py", "plugin.py", "weight_receiver.py", "broadcast_receiver.py", "load_stamp.py", "receivers.py")
 ENTRY_POINTS = "[vllm.general_plugins]\ngymtrl_prefix_correction = gymtrl_vllm_plugin.plugin:register\n"
 
 

@@ -16,12 +16,13 @@ import inspect
 import logging
 import os
 
+from .protocol import ENV_SWITCH
+
 try:  # installed as its own distribution into the vLLM environment
     from gymtrl_vllm_plugin.splice import Anchor, SpliceRefused, check_history_matches, find_anchor, plain, splice
 except ImportError:  # imported from gymtrl's source tree (tests)
     from gymtrl.vllm_plugin.splice import Anchor, SpliceRefused, check_history_matches, find_anchor, plain, splice
 
-ENV_SWITCH = "GYMTRL_PREFIX_CORRECTION"
 SUPPORTED = ("0.26.", "0.32.")
 log = logging.getLogger("gymtrl.prefix_correction")
 

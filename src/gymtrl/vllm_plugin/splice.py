@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-REFUSAL_MARKER = "gymtrl-prefix-correction refused"
+from .protocol import REFUSAL_MARKER  # (shared with the trainer)
 
 
 class SpliceRefused(ValueError):  # vLLM answers ValueError with HTTP 400

@@ -21,9 +21,7 @@ import base64
 import json
 import time
 
-PAYLOAD_VERSION = 2  # 2: push ids, committed load stamps, stamped reloads (load_stamp)
-ALIGN_BYTES = 256  # every tensor starts on this boundary, so any dtype view of it is aligned
-DTYPES = ("bfloat16", "float16", "float32")
+from .protocol import ALIGN_BYTES, DTYPES, PAYLOAD_VERSION
 
 
 def tensor_views(flat, entries: list[list]) -> list[tuple[str, object]]:
