@@ -63,7 +63,7 @@ def main(argv=None) -> int:
         print(f"SERVERS READY in {info['startup_s']} s: {json.dumps(info)}", flush=True)
         while not stop.wait(1.0):
             try:
-                stack.check()
+                stack.raise_if_any_exited()
             except Exception as e:  # a server died: say so, and take the others down
                 print(f"SERVER EXITED: {e}", flush=True)
                 ready.unlink(missing_ok=True)

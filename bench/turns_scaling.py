@@ -139,8 +139,8 @@ def measure(tmp: Path, turns: int, args) -> dict:
                              env=dict(cfg.gym.launch.env))  # as gymtrl's ServerStack starts it
         gym.start()
         stack.callback(gym.stop)
-        # gym.check() raises with the last lines of Gym's log when the launcher exited
-        wait_ready(cfg.gym.head_server_url, 300, is_alive=lambda: gym.alive() or bool(gym.check()))
+        # gym.raise_if_exited() raises with the last lines of Gym's log when the launcher exited
+        wait_ready(cfg.gym.head_server_url, 300, is_alive=lambda: gym.alive() or bool(gym.raise_if_exited()))
         topo = discover(cfg.gym.head_server_url)
         pids = descendants(gym.proc.pid)
         run_batch(topo, make_rows(min(n, 16)), pids, timeout_s, **batch_kw)  # warm-up: connections, first imports

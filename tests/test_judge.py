@@ -104,4 +104,4 @@ def test_a_judge_outage_is_counted_and_meets_the_bound(judged, gym_site):
     with pytest.raises(RolloutFailureBoundError, match=f"environment '{AGENT}'.*judge_failed={len(reached)}"):
         ledger.check_bound()
     with pytest.raises(ServerError, match="judge vLLM server exited"):
-        stack.check()
+        stack.raise_if_any_exited()

@@ -35,28 +35,28 @@ class FakeExitingStack:
 
 def test_stop_raises_the_exit_and_restart_brings_the_server_back_until_the_budget_is_spent():
     stack = FakeExitingStack()
-    assert Supervisor(stack, "stop", 3).check() is False  # all alive: nothing to do
+    assert Supervisor(stack, "stop", 3).handle_exits() is False  # all alive: nothing to do
     stack.gym.up = False
     with pytest.raises(ServerError, match="NeMo Gym servers exited"):
-        Supervisor(stack, "stop", 3).check()
+        Supervisor(stack, "stop", 3).handle_exits()
 
     sup = Supervisor(stack, "restart", 2)
-    assert sup.check() is True and stack.gym.alive() and sup.restarts == 1 and sup.generation == 1
+    assert sup.handle_exits() is True and stack.gym.alive() and sup.restarts == 1 and sup.generation == 1
     stack.vllm.up = False
     with pytest.raises(ServersRestarted, match="vLLM server"):
         sup.watch()  # inside a batch: the batch is abandoned and redone
     assert sup.restarts == 2
     stack.gym.up = False
     with pytest.raises(ServerError, match=r"after 2 restarts in this run: supervision.max_restarts=2"):
-        sup.check()
+        sup.handle_exits()
 
 
 def test_a_vllm_exit_stops_the_run_when_the_weights_cannot_be_resynced():
     stack = FakeExitingStack()
     sup = Supervisor(stack, "restart", 3, can_resync_vllm=False)
     stack.gym.up = False
-    assert sup.check() is True  # Gym holds no weights: it may come back
+    assert sup.handle_exits() is True  # Gym holds no weights: it may come back
     stack.vllm.up = False
     with pytest.raises(ServerError, match="cannot restart vLLM with the nccl weight sync") as e:
-        sup.check()
+        sup.handle_exits()
     assert "sync.strategy=reload" in e.value.hint

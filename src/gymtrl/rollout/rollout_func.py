@@ -110,7 +110,7 @@ class GymRolloutFunc:
     # --- the TRL entry point -----------------------------------------------------------------
     def __call__(self, prompts: list, trainer) -> dict:
         if self.supervisor is not None:
-            self.supervisor.check()  # a server that exited since the last batch: restarted, or the run stops
+            self.supervisor.handle_exits()  # a server that exited since the last batch: restarted, or the run stops
         self._follow_restarts()
         metrics, check = self._publish(trainer)
         rows = [self.rows[key] for key in prompts]

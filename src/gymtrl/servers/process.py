@@ -71,7 +71,7 @@ class ManagedProcess:
             f"{self.name} exited (code {code}); last lines of {self.log_path}:\n{tail(self.log_path)}"
         )
 
-    def check(self) -> None:
+    def raise_if_exited(self) -> None:
         """Raise at once if the process has died."""
         if self.proc is not None and self.proc.poll() is not None:
             raise self.died_error()
@@ -79,7 +79,7 @@ class ManagedProcess:
     def wait_healthy(self, probe: Callable[[], bool], timeout_s: float, what: str) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            self.check()
+            self.raise_if_exited()
             if probe():
                 return
             time.sleep(0.5)

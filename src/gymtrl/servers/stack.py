@@ -159,7 +159,7 @@ class ServerStack:
     def _wait_gym(self) -> None:
         gym = self.gym
         wait_ready(self.cfg.gym.head_server_url, self.cfg.gym.launch.startup_timeout_s,
-                   is_alive=lambda: gym.alive() or bool(gym.check()))  # type: ignore[union-attr]
+                   is_alive=lambda: gym.alive() or bool(gym.raise_if_exited()))  # type: ignore[union-attr]
 
     def restart_exited(self) -> list[str]:
         """Start again every launched server that has exited, and wait until each is ready as at
@@ -227,14 +227,14 @@ class ServerStack:
             )
         log.info("vLLM prefix correction: %s", "on" if active else "off")
 
-    def check(self) -> None:
+    def raise_if_any_exited(self) -> None:
         for p in self.processes:
-            p.check()
+            p.raise_if_exited()
 
     def exited(self) -> ServerError | None:
         """The error describing a launched server that has exited, if one has."""
         try:
-            self.check()
+            self.raise_if_any_exited()
         except ServerError as e:
             return e
         return None

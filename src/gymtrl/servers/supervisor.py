@@ -62,11 +62,11 @@ class Supervisor:
 
         class WatchServers(TrainerCallback):
             def on_step_end(self, *a, **k):
-                supervisor.check()  # a launched server that exited: restarted, or the run stops with its log tail
+                supervisor.handle_exits()  # a launched server that exited: restarted, or the run stops with its log tail
 
         return WatchServers()
 
-    def check(self) -> bool:
+    def handle_exits(self) -> bool:
         """Raise if a launched server has exited and may not be restarted; restart it if it may.
         Returns whether servers were restarted."""
         died = self.stack.exited()
@@ -100,9 +100,9 @@ class Supervisor:
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.2)
-        return self.check()
+        return self.handle_exits()
 
     def watch(self) -> None:
         """For the rollout engine, polled while a batch is in flight."""
-        if self.check():
+        if self.handle_exits():
             raise ServersRestarted(self.last_restarted)
