@@ -15,6 +15,7 @@ from pathlib import Path
 
 from gymtrl.checkpoints import GracefulStop, MarkCompleteCheckpoints, resolve_resume, save_now
 from gymtrl.config import Config, write_resolved_config
+from gymtrl.config.batch import check_batch_geometry
 from gymtrl.config.load import export_env_yaml_api_key
 from gymtrl.data.read import read_split
 from gymtrl.data.rows import build_split
@@ -76,6 +77,7 @@ def build_grpo_config(cfg: Config, strategy: str, cuda: bool):
         kwargs.update(use_vllm=True, vllm_mode="server", vllm_server_base_url=cfg.vllm.base_url)
     else:
         kwargs["use_vllm"] = False
+    check_batch_geometry(kwargs, rank_and_world()[1])
     try:
         args = GRPOConfig(**kwargs)
     except (ValueError, TypeError) as e:

@@ -101,8 +101,57 @@ def _schema_type(schema: type, key: str) -> type | None:
     return None
 
 
+def grpo_field_kinds() -> dict[str, tuple[str, bool]]:
+    """GRPOConfig's scalar fields: name -> (int | float | bool, accepts None). Fields of any other
+    type (enums, unions with str, lists) are left to TRL."""
+    from trl import GRPOConfig
+
+    kinds = {}
+    for f in dataclasses.fields(GRPOConfig):
+        spelled = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        parts = {p.strip() for p in spelled.replace("Optional[", "").replace("]", "").split("|")}
+        optional = "None" in parts
+        parts.discard("None")
+        if len(parts) == 1 and (kind := parts.pop()) in ("int", "float", "bool"):
+            kinds[f.name] = (kind, optional)
+    return kinds
+
+
+KIND_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false"}
+
+
+def _typed_grpo_value(key: str, value: Any, kind: str, optional: bool, where: str) -> Any:
+    """`value` as GRPOConfig's field `key` takes it (a number written as a string, such as YAML 1.1's
+    `1e-5`, becomes one), or a ConfigError naming the key, the type and the value."""
+    if value is None and optional:
+        return None
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in YAML11_BOOL_WORDS | {"true", "false"}:
+            return value.lower() in ("yes", "on", "y", "true")
+    elif isinstance(value, bool):
+        pass
+    elif kind == "int" and isinstance(value, int):
+        return value
+    elif kind == "float" and isinstance(value, (int, float)):
+        return value
+    elif isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if number is not None and kind == "float":
+            return number
+        if number is not None and kind == "int" and number.is_integer() and "." not in value:
+            return int(number)
+    raise ConfigError(f"{where}: grpo.{key}: expected {KIND_WORDS[kind]}{' (or null)' if optional else ''}, "
+                      f"got {value!r:.60}", hint=f"grpo.{key} is TRL GRPOConfig's {kind} field {key}")
+
+
 def _check_grpo_keys(grpo: dict, source: str, text: str | None) -> None:
     names = grpo_field_names()
+    kinds = grpo_field_kinds()
     for key in grpo:
         where = _key_line(source, text, ["grpo", str(key)])
         if key in GRPO_FIELDS_OWNED:
@@ -114,6 +163,31 @@ def _check_grpo_keys(grpo: dict, source: str, text: str | None) -> None:
                 f"{where}: unknown key 'grpo.{key}': not a field of trl.GRPOConfig{_closest(str(key), names)}",
                 hint="the grpo section is passed to TRL's GRPOConfig; see its documentation for the fields",
             )
+        if key in kinds:
+            _typed_grpo_value(str(key), grpo[key], *kinds[key], where)
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    def __init__(self, key: str, line: int, first_line: int):
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.line, self.first_line = key, line, first_line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice in one mapping is an error, not a silent overwrite."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise DuplicateKeyError(str(key), line, seen[key])
+                seen[key] = line
+            except TypeError:  # an unhashable key: let the base class say so
+                continue
+        return super().construct_mapping(node, deep=deep)
 
 
 def _read_yaml(path: Path) -> tuple[dict, str]:
@@ -121,9 +195,18 @@ def _read_yaml(path: Path) -> tuple[dict, str]:
         raise ConfigError(f"config file not found: {path}", hint="pass an existing YAML file to --config")
     if path.is_dir():
         raise ConfigError(f"config path is a directory, not a file: {path}")
-    text = path.read_text()
+    raw = path.read_bytes()
     try:
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text: byte {e.start} is 0x{raw[e.start]:02x}",
+                          hint="save the file as UTF-8") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except DuplicateKeyError as e:
+        raise ConfigError(f"{path}:{e.line}: duplicate key '{e.key}' (first at line {e.first_line})",
+                          hint="keep one of them: YAML would silently keep the last") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -293,6 +376,9 @@ def _normalise_grpo(grpo: dict) -> dict:
             out[key] = "no"
         elif isinstance(value, str) and takes_bool and "str" not in kind and value.lower() in YAML11_BOOL_WORDS | {"true", "false"}:
             out[key] = value.lower() in ("yes", "on", "y", "true")
+    for key, (kind, optional) in grpo_field_kinds().items():  # "1e-5" (YAML 1.1 reads it as a string) -> 1e-05
+        if key in out:
+            out[key] = _typed_grpo_value(key, out[key], kind, optional, "grpo")
     return out
 
 
