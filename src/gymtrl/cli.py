@@ -104,6 +104,36 @@ def serve(
     typer.echo("gymtrl: servers stopped")
 
 
+@app.command("eval", context_settings={"allow_extra_args": True})
+def eval_(
+    config: str = typer.Option(..., "--config", "-c", help="YAML config file (the training one)."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides, e.g. eval.pass_threshold=0.5"),
+    model: Optional[str] = typer.Option(None, "--model", help="Model to evaluate (default: model.name_or_path)."),
+    compare: Optional[str] = typer.Option(
+        None, "--compare", help="A second model, evaluated on the same rows with the same seeds; it must share "
+        "the first one's architecture and tokenizer (its weights are pushed into the same vLLM)."),
+    rows: Optional[str] = typer.Option(None, "--rows", help="A JSONL file of rows (default: the config's data.eval)."),
+    samples: Optional[int] = typer.Option(None, "--samples", help="Samples per row (default: eval.samples)."),
+    out: Optional[str] = typer.Option(None, "--out", help="JSON report (default: <output.dir>/eval.json)."),
+) -> None:
+    """Evaluate a model (or compare two) on held-out rows through the training rollout path: per
+    environment mean reward with its standard error, pass@k, failures by kind, turns, tokens."""
+    from gymtrl.config import load_config
+    from gymtrl.evaluation.command import evaluate
+    from gymtrl.evaluation.run import table
+
+    try:
+        cfg = load_config(config, overrides or [])
+        rep, path = evaluate(cfg, model=model, compare=compare, rows_file=rows, samples=samples, out=out)
+    except GymtrlError as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        typer.secho("gymtrl: interrupted; servers stopped", err=True)
+        sys.exit(130)
+    typer.echo(table(rep))
+    typer.echo(f"gymtrl: evaluation written to {path}")
+
+
 @app.command("prepare-data", context_settings={"allow_extra_args": True})
 def prepare_data(
     config: str = typer.Option(..., "--config", "-c", help="YAML config file with a `prepare:` section."),

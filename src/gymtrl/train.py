@@ -22,6 +22,7 @@ from gymtrl.data.rows import build_split
 from gymtrl.distributed import rank_and_world
 from gymtrl.errors import (ConfigError, GymtrlError, RolloutFailureBoundError, ServerError, StoppedBySignal,
                            WeightSyncError)
+from gymtrl.evaluation.callback import EvalCallback
 from gymtrl.gym.discovery import check_routes, discover
 from gymtrl.metrics import MetricsJsonlWriter, StepChannel
 from gymtrl.rewards import build_reward_functions
@@ -154,12 +155,12 @@ def train(cfg: Config, resume: str | None = None, stop_file: str | None = None) 
         channel = StepChannel()
         placeholder = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
         rollout_func = GymRolloutFunc(engine, store, publisher, placeholder, channel, supervisor, rediscover=find_agents)
-        trainer = GRPOTrainer(
+        evaluator = EvalCallback.from_config(cfg, rollout_func, eval_ds)  # TRL gets no eval rows: see its docstring
+        trainer = evaluator.bind(GRPOTrainer(
             model=cfg.model.name_or_path, reward_funcs=[make_env_reward(channel), *custom_rewards], args=args,
-            train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer, rollout_func=rollout_func,
-            callbacks=[MetricsJsonlWriter(out_dir / "metrics.jsonl"), supervisor.watch_callback(),
-                       MarkCompleteCheckpoints(), stopper],
-        )
+            train_dataset=train_ds, processing_class=tokenizer, rollout_func=rollout_func,
+            callbacks=_callbacks(out_dir, supervisor, stopper, evaluator),
+        ))
         trl_seam.attach(trainer, strategy, sync, channel)  # sampler correction under every sync; gap metrics
 
         # --- train --------------------------------------------------------------------------
@@ -174,6 +175,11 @@ def train(cfg: Config, resume: str | None = None, stop_file: str | None = None) 
             engine.close()
             control.close()
         return _finish(trainer, tokenizer, stopper, out_dir, rank)
+
+
+def _callbacks(out_dir: Path, supervisor, stopper, evaluator) -> list:
+    return [MetricsJsonlWriter(out_dir / "metrics.jsonl"), supervisor.watch_callback(), MarkCompleteCheckpoints(),
+            stopper, evaluator]
 
 
 def _wandb_env(cfg: Config, out_dir: Path) -> None:

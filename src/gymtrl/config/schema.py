@@ -1,7 +1,7 @@
 """The config schema. Every key a user can write is a field here, with its default and meaning.
 
 Sections: model, data, gym, vllm, rollout, sync, grpo (passed through to TRL's GRPOConfig),
-rewards, judge, prepare (gymtrl prepare-data), logging, output. docs/configuration.md is generated
+rewards, judge, eval, prepare (gymtrl prepare-data), logging, output. docs/configuration.md is generated
 from these field comments (`python -m gymtrl.config.reference`; a test checks it is current).
 """
 
@@ -210,6 +210,30 @@ class RewardsConfig:
 
 
 @dataclass
+class EvalConfig:
+    # Validation of data.eval's rows (never trained on), in training and in `gymtrl eval`, through
+    # the same servers and rollout path as training. Logged as eval/<env>/reward, reward_se, pass@1,
+    # failures, turns, and eval/reward overall (docs/guide.md: "Evaluation"). Without data.eval, none.
+    # Evaluate before the first optimizer step (the baseline; a resumed run does not repeat it).
+    at_start: bool = True
+    # Evaluate every N optimizer steps (0: only at the start and at the end).
+    every_steps: int = 0
+    # Evaluate once training finished (a run stopped early by a signal or STOP file skips it).
+    at_end: bool = True
+    # Samples per row: pass@k is reported for k = 1 and k = samples. `gymtrl eval --samples` overrides it.
+    samples: int = 4
+    # A sample passes when its reward is at least this (for pass@k).
+    pass_threshold: float = 1.0
+    # Evaluate only the first N rows of data.eval (None: all; data.max_eval_rows applies first).
+    max_rows: Optional[int] = None
+    # Sampling temperature of evaluation rollouts (None: the training temperature, grpo.temperature).
+    temperature: Optional[float] = None
+    # Base of the per-sample seeds (sent to vLLM with every model call): every evaluation, and
+    # both models of `gymtrl eval --compare`, sample row r's sample j with the same seed.
+    seed: int = 0
+
+
+@dataclass
 class LoggingConfig:
     # Also log to Weights & Biases (WANDB_API_KEY from the environment; wandb_mode offline needs none).
     wandb: bool = False
@@ -316,6 +340,7 @@ class Config:
     # max_completion_length also become the rollouts' sampling settings.
     grpo: dict[str, Any] = field(default_factory=dict)
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     # `gymtrl prepare-data`: builds training/validation JSONL (see gymtrl/prepare/).
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
