@@ -80,7 +80,6 @@ def check_values(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: supervision.on_server_exit must be stop or restart (got '{sup.on_server_exit}'), "
                           f"and supervision.max_restarts >= 0 (got {sup.max_restarts})")
     check_eval(cfg, source)
-    check_eval(cfg, source)
     j = cfg.judge
     if j.server not in JUDGE_SERVERS:
         raise ConfigError(f"{source}: judge.server must be one of {', '.join(JUDGE_SERVERS)}, got '{j.server}'")
@@ -102,22 +101,6 @@ def check_values(cfg: Config, source: str) -> None:
     if j.server == "launch" and not (j.launch.venv or cfg.vllm.launch.venv):
         raise ConfigError(f"{source}: judge.server=launch needs a vLLM venv to start the judge from",
                           hint="set judge.launch.venv (or vllm.launch.venv)")
-
-
-def check_eval(cfg: Config, source: str) -> None:
-    """The eval section, and TRL's own evaluation kept off (gymtrl's eval section replaces it)."""
-    e = cfg.eval
-    if e.samples < 1:
-        raise ConfigError(f"{source}: eval.samples must be >= 1, got {e.samples}")
-    if e.every_steps < 0:
-        raise ConfigError(f"{source}: eval.every_steps must be >= 0 (0: only at the start and end), got {e.every_steps}")
-    if e.max_rows is not None and e.max_rows < 1:
-        raise ConfigError(f"{source}: eval.max_rows must be >= 1 (or null: all rows), got {e.max_rows}")
-    if e.temperature is not None and e.temperature < 0:
-        raise ConfigError(f"{source}: eval.temperature must be >= 0 (or null: the training temperature), got {e.temperature}")
-    if str(cfg.grpo.get("eval_strategy", "no")) not in ("no", "IntervalStrategy.NO"):
-        raise ConfigError(f"{source}: grpo.eval_strategy must stay 'no': TRL's evaluation would compute a loss on "
-                          "data.eval's rows, not rewards", hint="set eval.every_steps (gymtrl's evaluation) instead")
 
 
 def check_eval(cfg: Config, source: str) -> None:
