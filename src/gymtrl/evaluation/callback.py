@@ -26,7 +26,8 @@ from transformers import Trainer, TrainerCallback
 
 from gymtrl.errors import DataError
 from gymtrl.evaluation.run import Evaluator
-from gymtrl.rollout.engine import FailureBound, FailureLedger, RolloutEngine
+from gymtrl.failures import FailureBound, FailureLedger
+from gymtrl.rollout.engine import RolloutEngine
 from gymtrl.servers.supervisor import ServersRestarted
 
 log = logging.getLogger(__name__)

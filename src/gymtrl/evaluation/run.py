@@ -17,7 +17,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 
 from gymtrl.evaluation.stats import RowResult, paired_difference, summarize
-from gymtrl.rollout.engine import FailureBound, FailureLedger, RolloutEngine
+from gymtrl.failures import FailureBound, FailureLedger
+from gymtrl.rollout.engine import RolloutEngine
 
 ALL = "all"  # the name of the overall group in reports
 
