@@ -201,8 +201,13 @@ def run_gymtrl(a, out_dir: Path, cb):
                  f"rollout.max_concurrency={a.concurrency}", f"output.dir={out_dir}", *a.overrides]
     cfg = load_config(a.config, overrides)
     timed(engine_mod.RolloutEngine, "run", "gym_rollouts")
-    timed(rf.GymRolloutFunc, "_supervised_sync", "gymtrl_sync_check")  # the probe's forward pass (+ a reload/ipc push)
-    timed(rf.GymRolloutFunc, "_finish_check", "gymtrl_check_wait")  # what is left of vLLM's scoring after the batch
+    if hasattr(rf.GymRolloutFunc, "_publish"):  # gymtrl.sync.publisher: publish = push + the probe's forward pass
+        from gymtrl.sync.publisher import WeightPublisher
+        timed(rf.GymRolloutFunc, "_publish", "gymtrl_sync_check")
+        timed(WeightPublisher, "settle", "gymtrl_check_wait")  # the stamp check + what is left of the probe's scoring
+    else:
+        timed(rf.GymRolloutFunc, "_supervised_sync", "gymtrl_sync_check")  # the probe's forward pass (+ a reload/ipc push)
+        timed(rf.GymRolloutFunc, "_finish_check", "gymtrl_check_wait")  # what is left of vLLM's scoring after the batch
     # add our step timer next to gymtrl's own callbacks
     from trl import GRPOTrainer
     original_init = GRPOTrainer.__init__

@@ -173,7 +173,7 @@ start_servers() {  # TAG MODEL GPU VLLM_PORT HEAD_PORT [key=value ...]
   [ -f "$model/config.json" ] || { note "no model in $model"; return 1; }
   rm -f "/tmp/srv-$tag.json"
   note "starting servers $tag: $model on GPU $gpu, vLLM :$vport, Gym head :$hport"
-  setsid python3 bench/gpu_servers.py --config configs/bench-gpu.yaml --ready-file "/tmp/srv-$tag.json" \
+  setsid python3 "$BENCH/gpu_servers.py" --config configs/bench-gpu.yaml --ready-file "/tmp/srv-$tag.json" \
     "model.name_or_path=$model" "vllm.base_url=http://127.0.0.1:$vport" "gym.head_server_url=http://127.0.0.1:$hport" \
     "vllm.launch.env.CUDA_VISIBLE_DEVICES=\"$gpu\"" "gym.launch.env.PYTHONPATH=$GYM_PYTHONPATH" "output.dir=/tmp/srv-$tag" "$@" \
     > "/tmp/srv-$tag.log" 2>&1 < /dev/null &
