@@ -75,8 +75,8 @@ def test_the_learning_check_tells_learning_from_noise():
 
 def test_quickstart_learns(tmp_path):
     """configs/quickstart.yaml through scripts/quickstart.sh (servers launched by gymtrl): reward
-    rises on digit_reply (see K, RISE, Z above), both environments are trained on, and every sync
-    was verified."""
+    rises on digit_reply (see K, RISE, Z above), both environments are trained on, every push was
+    checked exactly, and the loss ran with the sampler correction."""
     out = tmp_path / "quickstart"
     env = {**os.environ, "GYMTRL_TINY_MODEL": str(tmp_path / "tiny-model")}
     proc = subprocess.run(["bash", str(REPO / "scripts/quickstart.sh"), f"output.dir={out}"],
@@ -93,6 +93,13 @@ def test_quickstart_learns(tmp_path):
     assert rise > RISE and z > Z, (rise, z, digit)
     assert any("env/workplace_assistant_simple_agent/reward" in m for m in steps)
     assert all(m["sync/verify_max_logprob_diff"] < 1e-3 for m in steps)
+    # Every push was checked exactly: vLLM's stamp matched the digest of every tensor the trainer wrote.
+    assert all(m["sync/exact_tensors_checked"] > 0 for m in steps)
+    # The loss used the sampler correction under this reload sync, as under TRL's own (float32 on both
+    # sides: the gap is float noise and nothing is masked), and the gap was logged per environment.
+    assert all(abs(m["sampling/importance_sampling_ratio/mean"] - 1) < 1e-2 for m in steps)
+    assert all(m["sampler_gap/masked_fraction"] == 0 for m in steps)
+    assert all(m["sampler_gap/digit_reply_simple_agent/mean"] < 1e-3 for m in steps if key in m)
     assert all(m["rollouts/total"] > 0 and m["failures/total"] == 0 for m in steps)
     assert (out / "final" / "model.safetensors").exists() and (out / "config.yaml").exists()
     assert "Traceback" not in proc.stderr
