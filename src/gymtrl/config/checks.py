@@ -79,6 +79,9 @@ def check_values(cfg: Config, source: str) -> None:
     if sup.on_server_exit not in ("stop", "restart") or sup.max_restarts < 0:
         raise ConfigError(f"{source}: supervision.on_server_exit must be stop or restart (got '{sup.on_server_exit}'), "
                           f"and supervision.max_restarts >= 0 (got {sup.max_restarts})")
+    if sup.hang_timeout_s < 0 or cfg.vllm.request_retries < 0 or cfg.vllm.request_retry_max_s < 0:
+        raise ConfigError(f"{source}: supervision.hang_timeout_s, vllm.request_retries and "
+                          "vllm.request_retry_max_s must be >= 0")
     check_eval(cfg, source)
     j = cfg.judge
     if j.server not in JUDGE_SERVERS:

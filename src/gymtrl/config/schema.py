@@ -67,6 +67,12 @@ class VLLMConfig:
     api_key_env: str = "GYMTRL_VLLM_API_KEY"
     # Timeout for each control request (health, reload, verify).
     request_timeout_s: float = 120.0
+    # Retries of an idempotent control request (weight-push commits and checks, reloads, prefix-cache
+    # resets, probes) whose connection failed (reset, refused, dropped), with backoff from 0.5 s
+    # doubling to 8 s; at most request_retry_max_s seconds of retrying per request. A bucket transfer
+    # or a join of the broadcast group is never retried (the other side would wait forever).
+    request_retries: int = 4
+    request_retry_max_s: float = 60.0
     # Server dtype when gymtrl launches it (float32 makes trainer/server logprobs match tightly).
     dtype: str = "auto"
     max_model_len: int = 4096
@@ -136,6 +142,10 @@ class SupervisionConfig:
     on_server_exit: str = "stop"
     # Restarts allowed in one run, all servers together; one more exit then stops the run.
     max_restarts: int = 3
+    # A launched vLLM (or judge vLLM) whose /health has not answered for this many seconds is hung:
+    # gymtrl kills it and handles it as one that exited (on_server_exit). Generous, because a busy
+    # CPU host can keep vLLM's API server from answering for a while; 0 switches the check off.
+    hang_timeout_s: float = 300.0
 
 
 @dataclass

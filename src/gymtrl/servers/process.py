@@ -3,9 +3,11 @@ once when it dies, and stop it (and its children) on exit."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +15,8 @@ from pathlib import Path
 import httpx
 
 from gymtrl.errors import ServerError
+
+log = logging.getLogger(__name__)
 
 
 def tail(path: Path, lines: int = 20) -> str:
@@ -46,8 +50,10 @@ class ManagedProcess:
         self.env = env
         self.cwd = cwd
         self.proc: subprocess.Popen | None = None
+        self.hung: str | None = None  # why gymtrl killed it as hung (HealthDeadline), if it did
 
     def start(self) -> None:
+        self.hung = None
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         logf = self.log_path.open("ab")
         logf.write(f"$ {' '.join(self.command)}\n".encode())
@@ -67,9 +73,24 @@ class ManagedProcess:
 
     def died_error(self) -> ServerError:
         code = self.proc.returncode if self.proc else None
+        if self.hung:
+            return ServerError(f"{self.name} hung: {self.hung}, so gymtrl killed it; last lines of "
+                               f"{self.log_path}:\n{tail(self.log_path)}",
+                               hint="a busy host can be slow to answer: raise supervision.hang_timeout_s if it was "
+                               "only slow (0 switches the check off)")
         return ServerError(
             f"{self.name} exited (code {code}); last lines of {self.log_path}:\n{tail(self.log_path)}"
         )
+
+    def kill_as_hung(self, why: str) -> None:
+        """Kill the whole process group (SIGKILL reaches a stopped process too): from now on it is a
+        server that exited, and its error says it hung."""
+        self.hung = why
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
     def raise_if_exited(self) -> None:
         """Raise at once if the process has died."""
@@ -108,6 +129,58 @@ class ManagedProcess:
             self.proc.wait(timeout=5)
         except ProcessLookupError:
             pass
+
+
+class HealthDeadline:
+    """The liveness check sees exits only; a server can hang alive (stopped, deadlocked, swapped out).
+    This thread asks each watched server's health URL every few seconds, and kills one that has been
+    answered healthy since its start but has not answered for `timeout_s` (ManagedProcess.kill_as_hung):
+    the exit is then handled as any other (stop with its log tail, or restart). A server that was
+    never healthy since its (re)start is not measured: its startup_timeout_s covers that."""
+
+    def __init__(self, timeout_s: float, interval_s: float | None = None):
+        self.timeout_s = timeout_s
+        self.interval_s = interval_s or min(5.0, max(0.5, timeout_s / 5))
+        self._watched: list[tuple[ManagedProcess, str]] = []
+        self._state: dict[int, tuple[object, float | None]] = {}  # id(process) -> (its Popen, unanswered since)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, process: ManagedProcess, health_url: str) -> None:
+        self._watched.append((process, health_url))
+
+    def start(self) -> None:
+        if self.timeout_s > 0 and self._watched and self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="gymtrl-health-deadline", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            for process, url in self._watched:
+                self.check(process, url)
+
+    def check(self, process: ManagedProcess, url: str) -> None:
+        if not process.alive():
+            return
+        proc, since = self._state.get(id(process), (None, None))
+        fresh = proc is not process.proc  # (re)started since the last look: not yet seen healthy
+        if http_ok(url, timeout_s=min(5.0, self.interval_s)):
+            self._state[id(process)] = (process.proc, None)
+            return
+        if fresh:
+            return
+        now = time.monotonic()
+        since = since if since is not None else now
+        self._state[id(process)] = (proc, since)
+        if now - since >= self.timeout_s and process.alive():
+            why = f"{url} did not answer for {now - since:.0f} s (supervision.hang_timeout_s={self.timeout_s:g})"
+            log.warning("%s %s; killing it", process.name, why)
+            process.kill_as_hung(why)
 
 
 def http_ok(url: str, timeout_s: float = 2.0) -> bool:

@@ -3,8 +3,9 @@
 For each of vLLM and NeMo Gym: when `launch.enabled`, gymtrl starts it (all at once), streams its
 output to <output>/logs/, and waits for its health endpoint; otherwise it must already answer at
 its configured URL. With judge.server=launch the judge's vLLM is started the same way. While training,
-`check()` notices at once when a launched server has died, and `restart_exited()` starts it again
-(supervision.on_server_exit).
+`exited()` notices at once when a launched server has died, a HealthDeadline kills a launched vLLM
+that hangs alive (supervision.hang_timeout_s) so that it counts as one, and `restart_exited()` starts
+it again (supervision.on_server_exit).
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from gymtrl.config.schema import Config
 from gymtrl.errors import ServerError
 from gymtrl.gym.discovery import wait_ready
 from gymtrl.servers.gym import gym_command
-from gymtrl.servers.process import ManagedProcess, http_ok
+from gymtrl.servers.process import HealthDeadline, ManagedProcess, http_ok
 from gymtrl.servers.vllm import (RECEIVER_STRATEGIES, judge_vllm_command, judge_vllm_env, served_model_name, vllm_command, vllm_env,
                                  vllm_python)
-from gymtrl.servers.vllm_control import VLLMControl
+from gymtrl.servers.vllm_control import VLLMControl, configure_retries
 from gymtrl.vllm_plugin.install import ensure_installed
 from gymtrl.vllm_plugin.protocol import ENV_SWITCH
 
@@ -71,6 +72,8 @@ class ServerStack:
         self.vllm: ManagedProcess | None = None
         self.judge: ManagedProcess | None = None
         self.gym: ManagedProcess | None = None
+        self.health_deadline = HealthDeadline(cfg.supervision.hang_timeout_s)
+        configure_retries(cfg.vllm.request_retries, cfg.vllm.request_retry_max_s)
 
     def __enter__(self) -> "ServerStack":
         try:
@@ -127,6 +130,11 @@ class ServerStack:
             self._wait_gym()
         else:
             wait_ready(cfg.gym.head_server_url, 120.0, unreachable_after_s=3.0)
+        if self.vllm is not None:
+            self.health_deadline.watch(self.vllm, cfg.vllm.base_url.rstrip("/") + "/health")
+        if self.judge is not None:
+            self.health_deadline.watch(self.judge, server_root(cfg.judge.base_url) + "/health")  # type: ignore[arg-type]
+        self.health_deadline.start()
 
     def _wait_for_main_process_servers(self) -> None:
         cfg = self.cfg
@@ -249,5 +257,6 @@ class ServerStack:
             time.sleep(0.2)
 
     def stop(self) -> None:
+        self.health_deadline.stop()
         for p in reversed(self.processes):
             p.stop()

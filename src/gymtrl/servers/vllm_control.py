@@ -1,18 +1,65 @@
-"""The few vLLM server endpoints the trainer itself calls (NeMo Gym does the generating)."""
+"""The few vLLM server endpoints the trainer itself calls (NeMo Gym does the generating).
+
+A control call that is idempotent (asking it again changes nothing a first answer did not) is retried
+with backoff when its connection fails (reset, refused, dropped): a vLLM that was paused for a while
+(SIGSTOP, a swapped-out host, a long stall) answers again, and a run need not end on it. Bounded by
+vllm.request_retries and vllm.request_retry_max_s. A bucket transfer and a join of the weight
+group are never retried: each is one side of a collective, and a second call would wait for a
+partner that is not coming.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
+import time
+from dataclasses import dataclass
 
 import httpx
 
 from gymtrl.errors import ServerError, WeightSyncError
 from gymtrl.net import IDLE_EXPIRY_S
+from gymtrl.vllm_plugin.protocol import (COMMIT_METHOD, INFO_METHOD, LOAD_PACKED_METHOD, RELOAD_METHOD,
+                                         STAMP_METHOD)
+
+log = logging.getLogger(__name__)
+
+# /collective_rpc methods that may be asked again after a failed connection. Not RECEIVE_METHOD and
+# JOIN_METHOD: each is one side of a broadcast, which a retry would deadlock.
+IDEMPOTENT_RPC = frozenset({INFO_METHOD, STAMP_METHOD, RELOAD_METHOD, LOAD_PACKED_METHOD, COMMIT_METHOD,
+                            "reload_weights"})
+# The connection failures worth asking again: nothing (or not all) of the answer arrived. A timeout
+# is not among them: it already waited vllm.request_timeout_s.
+RETRYABLE = (httpx.ConnectError, httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    retries: int = 4  # attempts after the first
+    max_s: float = 60.0  # all the retries of one call together (backoff sleeps and attempts)
+    backoff_s: float = 0.5  # the first sleep; doubled each time, at most 8 s
+
+    def sleeps(self):
+        delay = self.backoff_s
+        for _ in range(self.retries):
+            yield delay
+            delay = min(2 * delay, 8.0)
+
+
+_default_policy = RetryPolicy()
+
+
+def configure_retries(retries: int, max_s: float) -> None:
+    """The policy of every VLLMControl made without one (the run's config: ServerStack sets it)."""
+    global _default_policy
+    _default_policy = RetryPolicy(retries=max(0, int(retries)), max_s=float(max_s))
 
 
 class VLLMControl:
-    def __init__(self, base_url: str, timeout_s: float, api_key_env: str | None = None):
+    def __init__(self, base_url: str, timeout_s: float, api_key_env: str | None = None,
+                 retry: RetryPolicy | None = None):
         self.base_url = base_url.rstrip("/")
+        self.retry = retry or _default_policy
         key = os.environ.get(api_key_env) if api_key_env else None
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self._http = httpx.Client(base_url=self.base_url, timeout=timeout_s, headers=headers, trust_env=False,
@@ -21,11 +68,29 @@ class VLLMControl:
     def close(self) -> None:
         self._http.close()
 
-    def _post(self, path: str, body: dict) -> dict:
-        try:
-            resp = self._http.post(path, json=body)
-        except httpx.HTTPError as e:
-            raise ServerError(f"vLLM server {self.base_url}{path} unreachable: {type(e).__name__}: {e}") from None
+    def _send(self, method: str, path: str, idempotent: bool, **kwargs) -> httpx.Response:
+        """One request; an idempotent one asked again after a failed connection, within the retry policy."""
+        sleeps = self.retry.sleeps() if idempotent else iter(())
+        give_up_at = time.monotonic() + self.retry.max_s
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return self._http.request(method, path, **kwargs)
+            except RETRYABLE as e:
+                delay = next(sleeps, None)
+                if delay is None or time.monotonic() + delay > give_up_at:
+                    tried = f" (tried {attempt} times)" if attempt > 1 else ""
+                    raise ServerError(f"vLLM server {self.base_url}{path} unreachable{tried}: "
+                                      f"{type(e).__name__}: {e}") from None
+                log.warning("vLLM %s%s: %s: %s; asking again in %.1f s (retry %d of at most %d)", self.base_url,
+                            path, type(e).__name__, e, delay, attempt, self.retry.retries)
+                time.sleep(delay)
+            except httpx.HTTPError as e:
+                raise ServerError(f"vLLM server {self.base_url}{path} unreachable: {type(e).__name__}: {e}") from None
+
+    def _post(self, path: str, body: dict, idempotent: bool = True) -> dict:
+        resp = self._send("POST", path, idempotent, json=body)
         if resp.status_code == 404:
             raise ServerError(
                 f"vLLM server has no {path} endpoint (HTTP 404)",
@@ -37,8 +102,10 @@ class VLLMControl:
 
     def served_models(self) -> list[str]:
         try:
-            data = self._http.get("/v1/models").json()
-        except (httpx.HTTPError, ValueError) as e:
+            data = self._send("GET", "/v1/models", True).json()
+        except ServerError as e:
+            raise ServerError(f"cannot list models of vLLM server {self.base_url}: {e.message}") from None
+        except ValueError as e:
             raise ServerError(f"cannot list models of vLLM server {self.base_url}: {e}") from None
         return [m.get("id") for m in data.get("data", [])]
 
@@ -53,10 +120,7 @@ class VLLMControl:
 
         user = {"role": "user", "content": "probe"}
         body = {"model": model_name, "messages": [user, turn([1, 2]), user, turn([3, 4]), user]}
-        try:
-            resp = self._http.post("/tokenize", json=body)
-        except httpx.HTTPError as e:
-            raise ServerError(f"vLLM server {self.base_url}/tokenize unreachable: {type(e).__name__}: {e}") from None
+        resp = self._send("POST", "/tokenize", True, json=body)
         if resp.status_code == 200:
             return False
         if REFUSAL_MARKER in resp.text:
@@ -69,8 +133,9 @@ class VLLMControl:
             raise WeightSyncError(f"vLLM reload_weights returned an unexpected answer: {str(out)[:200]}")
 
     def collective_rpc(self, method: str, kwargs: dict[str, str]) -> list:
-        """Call `method` on every vLLM worker (string arguments only); one result per worker."""
-        out = self._post("/collective_rpc", {"method": method, "kwargs": kwargs})
+        """Call `method` on every vLLM worker (string arguments only); one result per worker. Only the
+        methods in IDEMPOTENT_RPC are asked again after a failed connection."""
+        out = self._post("/collective_rpc", {"method": method, "kwargs": kwargs}, idempotent=method in IDEMPOTENT_RPC)
         if not isinstance(out.get("results"), list):
             raise ServerError(f"vLLM /collective_rpc {method} returned an unexpected answer: {str(out)[:200]}")
         return out["results"]

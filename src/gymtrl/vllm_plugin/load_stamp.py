@@ -76,7 +76,12 @@ class LoadStamp:
 
     def gymtrl_commit_push(self, push: str) -> dict:
         """Make the pending digests of `push` this worker's stamp (the trainer calls it once every
-        bucket of the push was loaded). A push this worker did not see whole commits nothing."""
+        bucket of the push was loaded). A push this worker did not see whole commits nothing. Committing
+        the push that already is the stamp answers as the first commit did (the trainer asks again when
+        the connection of its first call failed, not knowing whether that one arrived)."""
+        stamp = getattr(self, "_gymtrl_stamp", None)
+        if getattr(self, "_gymtrl_pending_push", None) != push and stamp and stamp["push"] == push:
+            return {"push": push, "tensors": len(stamp["digests"])}
         if getattr(self, "_gymtrl_pending_push", None) != push:
             raise ValueError(f"this vLLM worker received no weights for push {push!r}")
         self._gymtrl_stamp = {"push": push, "digests": self._gymtrl_pending_digests}
