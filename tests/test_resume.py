@@ -113,6 +113,12 @@ def test_killed_preempted_and_resumed_runs_see_the_same_data_order(servers, unin
     _, expected = uninterrupted
     assert sorted(expected) == list(range(1, STEPS + 1))
     assert rows_by_step(log) == expected  # every step, after every interruption, saw the same rows
+    # Each resumed run pushed the resumed weights before its first rollout, and every push was checked
+    # exactly (vLLM's stamp against the trainer's digests): a resume never trusts what vLLM holds.
+    from gymtrl.metrics import read_metrics
+
+    steps = [m for m in read_metrics(run_dir / "metrics.jsonl") if "reward" in m]
+    assert len(steps) >= STEPS and all(m["sync/exact_tensors_checked"] > 0 and m["sync/seconds"] > 0 for m in steps)
     # Every checkpoint resume could pick loads.
     from safetensors.torch import load_file
 
