@@ -20,7 +20,8 @@ TIERS = [
     ("servers / gym", ["gymtrl.servers", "gymtrl.gym", "gymtrl.vllm_plugin", "gymtrl.envs", "gymtrl.models"]),
     ("rollout / sync / data", ["gymtrl.rollout", "gymtrl.sync", "gymtrl.data", "gymtrl.metrics", "gymtrl.rewards",
                                "gymtrl.checkpoints"]),
-    ("recipes", ["gymtrl.train", "gymtrl.trl_seam", "gymtrl.serve", "gymtrl.prepare", "gymtrl.evaluation"]),
+    ("recipes", ["gymtrl.train", "gymtrl.trl_seam", "gymtrl.serve", "gymtrl.prepare", "gymtrl.evaluation",
+                 "gymtrl.doctor", "gymtrl.plots"]),
     ("cli", ["gymtrl.cli", "gymtrl.models.cli"]),
 ]
 

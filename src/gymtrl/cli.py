@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -30,6 +31,9 @@ def main(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks."),
 ) -> None:
     state["debug"] = debug
+    # transformers 5 renamed TrainingArguments.gradient_checkpointing and warns on every GRPOConfig TRL
+    # builds, whether or not the user set it: noise on every run (the key still works).
+    warnings.filterwarnings("ignore", message=r"`gradient_checkpointing` is deprecated", category=FutureWarning)
     # gymtrl's own progress lines (servers started, plugin installed); other libraries keep theirs.
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("gymtrl: %(message)s"))
@@ -72,6 +76,10 @@ def train(
         from gymtrl.train import train as run_training
 
         final = run_training(cfg, resume=resume, stop_file=stop_file)
+        from gymtrl.distributed import rank_and_world
+        from gymtrl.plots import finish_run
+
+        finish_run(cfg.output.dir, rank_and_world()[0])  # summary table and plots; only warns on failure
     except GymtrlError as e:
         _fail(e)
     except KeyboardInterrupt:
@@ -132,6 +140,41 @@ def eval_(
         sys.exit(130)
     typer.echo(table(rep))
     typer.echo(f"gymtrl: evaluation written to {path}")
+
+
+@app.command(context_settings={"allow_extra_args": True})
+def doctor(
+    config: str = typer.Option(..., "--config", "-c", help="YAML config file."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides, as for train"),
+) -> None:
+    """Check a config as `train` would before starting servers, and report the data rows per split and
+    route, the versions against the tested ones, the vLLM plugin, the GPU plan and a memory estimate.
+    Starts nothing; exits 0, or 2 with the first problem."""
+    from gymtrl.config import load_config
+    from gymtrl.doctor import doctor as run_doctor
+
+    try:
+        cfg = load_config(config, overrides or [])
+        lines = run_doctor(cfg)
+    except GymtrlError as e:
+        e.exit_code = 2
+        _fail(e)
+    typer.echo("\n".join(lines))
+
+
+@app.command()
+def plot(run_dir: Path = typer.Argument(..., help="A run's output.dir (it holds metrics.jsonl).")) -> None:
+    """Draw a run's curves (reward and failure rate per environment, eval reward, sync and step time)
+    as PNG files into RUN_DIR/plots/, and print its summary table."""
+    from gymtrl.plots import plot_run, summary_table
+
+    try:
+        written = plot_run(run_dir)
+        typer.echo(summary_table(run_dir))
+    except GymtrlError as e:
+        _fail(e)
+    for path in written:
+        typer.echo(f"gymtrl: wrote {path}")
 
 
 @app.command("prepare-data", context_settings={"allow_extra_args": True})
