@@ -36,20 +36,18 @@ QUESTIONS = [
 
 SYSTEM = (
     "You are a shop assistant. You do not know any prices: get each item's unit price with the get_price "
-    "tool, one call per item. Then work out the total (the calculate tool can do the arithmetic) and reply "
-    "with the total in dollars as a number.\n"
+    "tool, one call per item. Then reply with the total cost in dollars as a number.\n"
     "Call a tool by writing its call inside <tool_call></tool_call> tags, for example:\n"
     '<tool_call>\n{"name": "get_price", "arguments": {"item": "apple"}}\n</tool_call>'
 )
 
+# Only get_price: offered a calculate tool (its description showing "3*4 + 2*5"), Qwen2.5-Coder-0.5B
+# called calculate with that made-up expression in nearly every episode and never get_price (the
+# server still serves /calculate for rows that offer it).
 TOOLS = [
     {"type": "function", "name": "get_price", "description": "The unit price in dollars of one item.",
      "parameters": {"type": "object", "properties": {"item": {"type": "string", "description": "The item, e.g. apple"}},
                     "required": ["item"], "additionalProperties": False},
-     "strict": False},
-    {"type": "function", "name": "calculate", "description": "Evaluate an arithmetic expression (numbers, + - * / and parentheses).",
-     "parameters": {"type": "object", "properties": {"expression": {"type": "string", "description": "e.g. 3*4 + 2*5"}},
-                    "required": ["expression"], "additionalProperties": False},
      "strict": False},
 ]
 
