@@ -67,6 +67,7 @@ GYM_CONFIGS = [
     "resources_servers/workplace_assistant/configs/workplace_assistant.yaml",
     "resources_servers/example_multi_step/configs/example_multi_step.yaml",
     "resources_servers/digit_reply/configs/digit_reply.yaml",
+    "resources_servers/price_lookup/configs/price_lookup.yaml",
     "resources_servers/reasoning_gym/configs/reasoning_gym.yaml",
     "resources_servers/mcqa/configs/mcqa.yaml",
     "resources_servers/math_with_judge/configs/math_with_judge.yaml",
@@ -76,7 +77,7 @@ GYM_CONFIGS = [
 def server_config(model: Path, vllm_port: int, head_port: int, out_dir: Path, launch: bool = True,
                   prefix_correction: bool = True, vllm_args: tuple[str, ...] = (),
                   gym_configs: list[str] = GYM_CONFIGS, policy_base_url: str | None = None):
-    """A gymtrl Config for test servers (default: vLLM + gymtrl's digit_reply + NeMo Gym's
+    """A gymtrl Config for test servers (default: vLLM + gymtrl's digit_reply and price_lookup + NeMo Gym's
     workplace_assistant, example_multi_step, reasoning_gym, mcqa, math_with_judge).
     `policy_base_url` points NeMo Gym's model server elsewhere (a proxy)."""
     from gymtrl.config.load import load_config

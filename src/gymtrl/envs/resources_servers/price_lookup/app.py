@@ -2,7 +2,7 @@
 
 Task: "What do 3 apples and 2 pears cost in total?" The unit prices are random per task (drawn
 from the row's seed) and known only to this server: the model has to call `get_price(item)` for
-each item, may call `calculate(expression)` for the arithmetic, and then answer with the total.
+each item (and `calculate(expression)` where a row offers it; the generated rows do not), then answer.
 The row carries the hidden data (`items`: name, quantity, price; `total`). The agent's `/run`
 posts the row to `/seed_session`, which keeps the prices under the episode's session cookie, so the
 tools answer per episode; `/verify` receives the row again with the response and needs no state.
