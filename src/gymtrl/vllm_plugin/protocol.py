@@ -10,7 +10,7 @@ ENV_SWITCH = "GYMTRL_PREFIX_CORRECTION"  # "1" in vLLM's environment switches th
 REFUSAL_MARKER = "gymtrl-prefix-correction refused"  # in the HTTP 400 of a refused request
 
 # --- the weight receivers (receivers.py and the modules it mixes in) ---------------------------------
-PAYLOAD_VERSION = 2  # 2: push ids, committed load stamps, stamped reloads (load_stamp)
+PAYLOAD_VERSION = 3  # 2: push ids, committed load stamps, stamped reloads; 3: the word digest (load_stamp)
 ALIGN_BYTES = 256  # every tensor starts on this boundary in a bucket, so any dtype view of it is aligned
 DTYPES = ("bfloat16", "float16", "float32")  # the dtypes weights may travel in
 
