@@ -67,12 +67,11 @@ def _device_sum(tensor):
 
     words = _words(tensor)
     weights = _chunk_weights(words.device)
-    total = torch.zeros((), dtype=torch.int64, device=words.device)
-    for k, start in enumerate(range(0, words.numel(), CHUNK)):
+    total = (words[:CHUNK] * weights[:min(CHUNK, words.numel())]).sum()  # two kernels for most tensors
+    for k, start in enumerate(range(CHUNK, words.numel(), CHUNK), start=1):
         chunk = words[start:start + CHUNK]
-        part = (chunk * weights[:chunk.numel()]).sum()
         # The k-th chunk's sum times an odd constant of k: chunks at other places weigh differently.
-        total = total + part * _signed(((k * 0x2545F4914F6CDD1D) | 1) & MASK64)
+        total = total + (chunk * weights[:chunk.numel()]).sum() * _signed(((k * 0x2545F4914F6CDD1D) | 1) & MASK64)
     return total
 
 
