@@ -109,8 +109,9 @@ def main() -> None:
                    for n, s in state_dict_shapes(shape)]
         params = sum(t.numel() for _, t in tensors)
         row = {"tensors": len(tensors), "params": params}
-        for side, fn in (("gymtrl", lambda: digests(tensors)),
-                         ("baseline_first_version", lambda: [BASELINE_first_version_digest(t) for _, t in tensors])):
+        sides = (("gymtrl", lambda ts=tensors: digests(ts)),
+                 ("baseline_first_version", lambda ts=tensors: [BASELINE_first_version_digest(t) for _, t in ts]))
+        for side, fn in sides:
             secs = timed(fn, args.device, args.rounds)
             row[side] = {"median_ms": 1e3 * statistics.median(secs), "min_ms": 1e3 * min(secs),
                          "max_ms": 1e3 * max(secs), "rounds_ms": [1e3 * s for s in secs]}
@@ -118,7 +119,7 @@ def main() -> None:
                   f"max {row[side]['max_ms']:.2f}) over {params / 1e6:.0f}M bf16 params", flush=True)
         row["speedup"] = row["baseline_first_version"]["median_ms"] / row["gymtrl"]["median_ms"]
         results["shapes"][shape] = row
-        del tensors
+        del tensors, sides
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
 

@@ -7,7 +7,6 @@ at all (missing file, unknown repo, corrupt Parquet) raises DataError naming it.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import re

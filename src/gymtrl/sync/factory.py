@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from gymtrl.config.schema import Config
-from gymtrl.errors import ConfigError, GymtrlError
+from gymtrl.errors import ConfigError, ServerError
 from gymtrl.servers.vllm import served_model_name
 from gymtrl.servers.vllm_control import VLLMControl
 from gymtrl.sync.base import WeightSync
@@ -76,10 +76,12 @@ def build_sync(cfg: Config, strategy: str, control: VLLMControl, out_dir: Path) 
 
 
 def _has_receiver(control: VLLMControl) -> bool:
+    """Whether a vLLM gymtrl did not launch runs gymtrl's worker extension. One that runs another
+    gymtrl's version of it is an error (WeightSyncError, with the fix), not a reason to check less."""
     try:
         check_receivers(control)
         return True
-    except GymtrlError as e:
+    except ServerError as e:  # no such method: started without the extension
         log.warning("sync.strategy=reload: the vLLM server does not run gymtrl's worker extension (%s), so only the "
                     "logprob probe checks each push, and in bf16 it cannot tell a server that missed a small step from "
                     "a fresh one. Let gymtrl launch vLLM (vllm.launch.enabled=true) for the exact check.", e.message)

@@ -63,8 +63,6 @@ def _words(tensor):
 
 def _device_sum(tensor):
     """The weighted word sum modulo 2^64, as a 0-d int64 tensor on the tensor's device (no host sync)."""
-    import torch
-
     words = _words(tensor)
     weights = _chunk_weights(words.device)
     total = (words[:CHUNK] * weights[:min(CHUNK, words.numel())]).sum()  # two kernels for most tensors
