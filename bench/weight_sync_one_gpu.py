@@ -91,17 +91,12 @@ sync: {{strategy: ipc}}
 """)
 
 
-def measure(shape: str, model_dir: str, args, work: Path) -> list[tuple]:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def start_vllm(shape: str, model_dir: str, args, work: Path):
+    """vLLM for one shape, as gymtrl launches it for the ipc sync, healthy: (cfg, process, seconds to start).
+    The caller stops the process."""
     from gymtrl.config import load_config
     from gymtrl.servers.process import ManagedProcess, http_ok
-    from gymtrl.servers.vllm import served_model_name, vllm_command, vllm_env
-    from gymtrl.sync.ipc import IpcSync
-    from gymtrl.sync.reload import ReloadSync
-    from gymtrl.sync.check import ProbeCheck, probe_token_ids
-    from gymtrl.servers.vllm_control import VLLMControl
+    from gymtrl.servers.vllm import vllm_command, vllm_env
     from gymtrl.vllm_plugin.install import ensure_installed
 
     cfg_path = work / f"{shape}.yaml"
@@ -111,10 +106,28 @@ def measure(shape: str, model_dir: str, args, work: Path) -> list[tuple]:
     vllm = ManagedProcess("vLLM", vllm_command(cfg, "ipc"), work / f"vllm-{shape}.log", env=vllm_env(cfg))
     t0 = time.monotonic()
     vllm.start()
-    rows = []
     try:
         vllm.wait_healthy(lambda: http_ok("http://127.0.0.1:8000/health"), 600, "vLLM /health")
-        print(f"[{shape}] vLLM up in {time.monotonic() - t0:.0f} s", flush=True)
+    except BaseException:
+        vllm.stop()
+        raise
+    return cfg, vllm, time.monotonic() - t0
+
+
+def measure(shape: str, model_dir: str, args, work: Path) -> list[tuple]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gymtrl.servers.vllm import served_model_name
+    from gymtrl.sync.ipc import IpcSync
+    from gymtrl.sync.reload import ReloadSync
+    from gymtrl.sync.check import ProbeCheck, probe_token_ids
+    from gymtrl.servers.vllm_control import VLLMControl
+
+    cfg, vllm, started_s = start_vllm(shape, model_dir, args, work)
+    rows = []
+    try:
+        print(f"[{shape}] vLLM up in {started_s:.0f} s", flush=True)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda()
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         control = VLLMControl(cfg.vllm.base_url, 300)
@@ -175,28 +188,18 @@ def measure_stamp(shape: str, model_dir: str, args, work: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import gymtrl.sync.ipc as ipc_mod
-    from gymtrl.config import load_config
     from gymtrl.errors import WeightSyncError
-    from gymtrl.servers.process import ManagedProcess, http_ok
-    from gymtrl.servers.vllm import served_model_name, vllm_command, vllm_env
+    from gymtrl.servers.vllm import served_model_name
     from gymtrl.servers.vllm_control import VLLMControl
     from gymtrl.sync.base import Expected
     from gymtrl.sync.check import ProbeCheck, StampCheck, probe_token_ids, trainer_logprobs
     from gymtrl.sync.ipc import IpcSync
-    from gymtrl.vllm_plugin.install import ensure_installed
     from gymtrl.vllm_plugin.load_stamp import CHUNK, digests
 
-    cfg_path = work / f"{shape}.yaml"
-    write_config(cfg_path, model_dir, args.vllm_venv)
-    cfg = load_config(cfg_path, [])
-    ensure_installed(str(Path(args.vllm_venv) / "bin" / "python"))
-    vllm = ManagedProcess("vLLM", vllm_command(cfg, "ipc"), work / f"vllm-{shape}.log", env=vllm_env(cfg))
-    t0 = time.monotonic()
-    vllm.start()
+    cfg, vllm, started_s = start_vllm(shape, model_dir, args, work)
     res: dict = {"shape": shape, "model": model_dir}
     try:
-        vllm.wait_healthy(lambda: http_ok("http://127.0.0.1:8000/health"), 600, "vLLM /health")
-        res["vllm_start_s"] = round(time.monotonic() - t0, 1)
+        res["vllm_start_s"] = round(started_s, 1)
         print(f"[{shape}] vLLM up in {res['vllm_start_s']:.0f} s", flush=True)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda()
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -207,7 +210,7 @@ def measure_stamp(shape: str, model_dir: str, args, work: Path) -> dict:
         res["bytes"] = sum(p.numel() * p.element_size() for p in params)
         res["elements"] = sum(p.numel() for p in params)
         res["tensors"] = len(params)
-        res["chunks"] = sum(-(-p.numel() // CHUNK) for p in params)
+        res["chunks"] = sum(-(-(p.numel() * p.element_size() // 8) // CHUNK) for p in params)  # CHUNK: 64-bit words
         gen = torch.Generator(device="cuda").manual_seed(0)
 
         def perturb():
