@@ -19,14 +19,15 @@ def run(args, timeout=300, **env):
                           env={**os.environ, "PYTHONUNBUFFERED": "1", **env})
 
 
-def _quickstart_env(tmp_path) -> dict:
-    model = Path(os.environ.get("GYMTRL_TINY_MODEL", REPO / "runs/tiny-model"))
-    assert (model / "config.json").exists(), f"no tiny model at {model} (scripts/quickstart.sh makes it)"
-    return {"GYMTRL_TINY_MODEL": str(model)}
+def _quickstart_env(tiny_model) -> dict:
+    """The quickstart's model (configs/quickstart.yaml reads GYMTRL_TINY_MODEL): the session's tiny model,
+    built by scripts/make_tiny_model.py as the quickstart builds it (a fresh clone has no runs/tiny-model)."""
+    assert (Path(tiny_model) / "config.json").exists()
+    return {"GYMTRL_TINY_MODEL": str(tiny_model)}
 
 
-def test_doctor_reports_the_quickstart_and_starts_nothing(tmp_path):
-    env = _quickstart_env(tmp_path)
+def test_doctor_reports_the_quickstart_and_starts_nothing(tmp_path, tiny_model):
+    env = _quickstart_env(tiny_model)
     proc = run(["doctor", "--config", "configs/quickstart.yaml", f"output.dir={tmp_path / 'run'}"], **env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
@@ -54,8 +55,8 @@ def test_doctor_reports_the_quickstart_and_starts_nothing(tmp_path):
             sock.bind(("127.0.0.1", port))
 
 
-def test_doctor_stops_at_the_first_problem_with_one_line(tmp_path):
-    env = _quickstart_env(tmp_path)
+def test_doctor_stops_at_the_first_problem_with_one_line(tmp_path, tiny_model):
+    env = _quickstart_env(tiny_model)
     proc = run(["doctor", "--config", "configs/quickstart.yaml", "grpo.num_generations=7"], **env)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert len([l for l in proc.stderr.splitlines() if l.startswith("gymtrl: error:")]) == 1, proc.stderr
