@@ -114,6 +114,21 @@ def start_vllm(shape: str, model_dir: str, args, work: Path):
     return cfg, vllm, time.monotonic() - t0
 
 
+def perturber(params: list, seed: int = 0):
+    """A function that moves every parameter by 1e-3 of fresh noise (a stand-in for an optimizer step)."""
+    import torch
+
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+
+    def perturb():
+        with torch.no_grad():
+            for p in params:
+                p.add_(torch.randn(p.shape, generator=gen, device="cuda", dtype=p.dtype), alpha=1e-3)
+        torch.cuda.synchronize()
+
+    return perturb
+
+
 def measure(shape: str, model_dir: str, args, work: Path) -> list[tuple]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -135,13 +150,7 @@ def measure(shape: str, model_dir: str, args, work: Path) -> list[tuple]:
                                 scale_with_logits=True)
         params = [p for p in model.parameters()]
         nbytes = sum(p.numel() * p.element_size() for p in params)
-        gen = torch.Generator(device="cuda").manual_seed(0)
-
-        def perturb():
-            with torch.no_grad():
-                for p in params:
-                    p.add_(torch.randn(p.shape, generator=gen, device="cuda", dtype=p.dtype), alpha=1e-3)
-            torch.cuda.synchronize()
+        perturb = perturber(params)
 
         bound = device_copy_seconds(nbytes, args.repeats)
         rows.append((shape, "bound: one device copy of the bytes", nbytes, bound, None, {}))
@@ -211,13 +220,7 @@ def measure_stamp(shape: str, model_dir: str, args, work: Path) -> dict:
         res["elements"] = sum(p.numel() for p in params)
         res["tensors"] = len(params)
         res["chunks"] = sum(-(-(p.numel() * p.element_size() // 8) // CHUNK) for p in params)  # CHUNK: 64-bit words
-        gen = torch.Generator(device="cuda").manual_seed(0)
-
-        def perturb():
-            with torch.no_grad():
-                for p in params:
-                    p.add_(torch.randn(p.shape, generator=gen, device="cuda", dtype=p.dtype), alpha=1e-3)
-            torch.cuda.synchronize()
+        perturb = perturber(params)
 
         # raw: the digest alone over the state dict, on the GPU
         raw = []
