@@ -20,6 +20,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from gymtrl.atomic import write_text_atomic
 from gymtrl.config.checks import check_prepare, check_values
+from gymtrl.config.grpo_values import (YAML11_BOOL_WORDS, grpo_field_kinds, grpo_field_names, normalise_grpo,
+                                       typed_grpo_value)
 from gymtrl.config.schema import Config, PrepareConfig
 from gymtrl.net import server_root
 from gymtrl.errors import ConfigError
@@ -62,12 +64,6 @@ def _key_line(source: str, yaml_text: str | None, path: list[str]) -> str:
         return source
 
 
-def grpo_field_names() -> list[str]:
-    from trl import GRPOConfig  # imported late: trl pulls in torch (seconds)
-
-    return [f.name for f in dataclasses.fields(GRPOConfig) if f.init]
-
-
 def _check_keys(data: Any, schema: type, path: list[str], source: str, text: str | None) -> None:
     if not isinstance(data, dict):
         return
@@ -101,54 +97,6 @@ def _schema_type(schema: type, key: str) -> type | None:
     return None
 
 
-def grpo_field_kinds() -> dict[str, tuple[str, bool]]:
-    """GRPOConfig's scalar fields: name -> (int | float | bool, accepts None). Fields of any other
-    type (enums, unions with str, lists) are left to TRL."""
-    from trl import GRPOConfig
-
-    kinds = {}
-    for f in dataclasses.fields(GRPOConfig):
-        spelled = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-        parts = {p.strip() for p in spelled.replace("Optional[", "").replace("]", "").split("|")}
-        optional = "None" in parts
-        parts.discard("None")
-        if len(parts) == 1 and (kind := parts.pop()) in ("int", "float", "bool"):
-            kinds[f.name] = (kind, optional)
-    return kinds
-
-
-KIND_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false"}
-
-
-def _typed_grpo_value(key: str, value: Any, kind: str, optional: bool, where: str) -> Any:
-    """`value` as GRPOConfig's field `key` takes it (a number written as a string, such as YAML 1.1's
-    `1e-5`, becomes one), or a ConfigError naming the key, the type and the value."""
-    if value is None and optional:
-        return None
-    if kind == "bool":
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in YAML11_BOOL_WORDS | {"true", "false"}:
-            return value.lower() in ("yes", "on", "y", "true")
-    elif isinstance(value, bool):
-        pass
-    elif kind == "int" and isinstance(value, int):
-        return value
-    elif kind == "float" and isinstance(value, (int, float)):
-        return value
-    elif isinstance(value, str):
-        try:
-            number = float(value)
-        except ValueError:
-            number = None
-        if number is not None and kind == "float":
-            return number
-        if number is not None and kind == "int" and number.is_integer() and "." not in value:
-            return int(number)
-    raise ConfigError(f"{where}: grpo.{key}: expected {KIND_WORDS[kind]}{' (or null)' if optional else ''}, "
-                      f"got {value!r:.60}", hint=f"grpo.{key} is TRL GRPOConfig's {kind} field {key}")
-
-
 def _check_grpo_keys(grpo: dict, source: str, text: str | None) -> None:
     names = grpo_field_names()
     kinds = grpo_field_kinds()
@@ -164,7 +112,7 @@ def _check_grpo_keys(grpo: dict, source: str, text: str | None) -> None:
                 hint="the grpo section is passed to TRL's GRPOConfig; see its documentation for the fields",
             )
         if key in kinds:
-            _typed_grpo_value(str(key), grpo[key], *kinds[key], where)
+            typed_grpo_value(str(key), grpo[key], *kinds[key], where)
 
 
 class DuplicateKeyError(yaml.YAMLError):
@@ -217,11 +165,6 @@ def _read_yaml(path: Path) -> tuple[dict, str]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, data:, ...)")
     return data, text
-
-
-# YAML 1.1 reads these words as booleans; on the command line they stay words (save_strategy=no),
-# and typed boolean keys still accept them (OmegaConf and _normalise_grpo convert).
-YAML11_BOOL_WORDS = {"yes", "no", "on", "off", "y", "n"}
 
 
 def _parse_overrides(overrides: list[str]) -> dict:
@@ -302,7 +245,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
             hint="set them in the file or on the command line, e.g. model.name_or_path=Qwen/Qwen2.5-0.5B-Instruct",
         )
     cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    cfg.grpo = _normalise_grpo(cfg.grpo)
+    cfg.grpo = normalise_grpo(cfg.grpo)
     check_values(cfg, str(path))
     return cfg
 
@@ -360,26 +303,6 @@ def export_env_yaml_api_key(cfg: Config) -> None:
     key = read_env_yaml(cfg.gym.env_yaml).get("policy_api_key")
     if key and str(key) != "EMPTY" and not os.environ.get(cfg.vllm.api_key_env):
         os.environ[cfg.vllm.api_key_env] = str(key)
-
-
-def _normalise_grpo(grpo: dict) -> dict:
-    """YAML 1.1 booleans against GRPOConfig's field types: `save_strategy: no` reads as False, which
-    TRL rejects (it means the word "no"); `bf16: "no"` means False."""
-    from trl import GRPOConfig
-
-    types = {f.name: str(f.type) for f in dataclasses.fields(GRPOConfig)}
-    out = dict(grpo)
-    for key, value in grpo.items():
-        kind = types.get(key, "")
-        takes_bool = "bool" in kind
-        if value is False and not takes_bool:
-            out[key] = "no"
-        elif isinstance(value, str) and takes_bool and "str" not in kind and value.lower() in YAML11_BOOL_WORDS | {"true", "false"}:
-            out[key] = value.lower() in ("yes", "on", "y", "true")
-    for key, (kind, optional) in grpo_field_kinds().items():  # "1e-5" (YAML 1.1 reads it as a string) -> 1e-05
-        if key in out:
-            out[key] = _typed_grpo_value(key, out[key], kind, optional, "grpo")
-    return out
 
 
 def to_yaml(cfg: Config) -> str:
