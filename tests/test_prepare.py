@@ -252,6 +252,22 @@ def test_reasoning_gym_rows_are_generated_in_the_verifiers_format(tmp_path):
         assert isinstance(r["answer"], str) and r["agent_ref"]["name"] == "reasoning_gym_simple_agent"
 
 
+def test_reasoning_gym_system_prompt_and_non_json_metadata(tmp_path):
+    # gsm_symbolic's metadata holds a Fraction: written as its text, not dropped as a generator error.
+    report, train, _ = run(tmp_path, [
+        {"reasoning_gym": {"tasks": ["gsm_symbolic"], "size": 6, "seed": 1, "system_prompt": "direct"},
+         "agent": "reasoning_gym_simple_agent"},
+        {"reasoning_gym": {"tasks": ["basic_arithmetic"], "size": 4, "seed": 1, "system_prompt": "Reply in <answer> tags."},
+         "agent": "reasoning_gym_simple_agent"}])
+    assert len(train) == 10
+    from reasoning_gym.utils import SYSTEM_PROMPTS
+    systems = {r["responses_create_params"]["input"][0]["content"] for r in train}
+    assert systems == {SYSTEM_PROMPTS["direct"], "Reply in <answer> tags."}
+    for r in train:
+        system, user = r["responses_create_params"]["input"]
+        assert system["role"] == "system" and user == {"role": "user", "content": r["question"]}
+
+
 def test_prompt_tokens_are_reported_with_a_tokenizer(tmp_path, tiny_model):
     src = write_jsonl(tmp_path / "a.jsonl", digits(6))
     report, _, _ = run(tmp_path, [{"path": str(src)}], tokenizer=str(tiny_model))

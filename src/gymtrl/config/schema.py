@@ -289,6 +289,11 @@ class ReasoningGymSource:
     seed: int = 42
     # Per-task generator settings: {task_name: {key: value}}.
     config: dict[str, Any] = field(default_factory=dict)
+    # A system message before each question: one of reasoning-gym's named prompts (default, simple,
+    # direct, DeepSeekZero: each asks for the answer in <answer></answer> tags, which the verifier
+    # extracts) or your own text. None: the question alone; the verifier then scores the whole reply,
+    # which is exact only when the reply is nothing but the answer.
+    system_prompt: Optional[str] = None
 
 
 @dataclass

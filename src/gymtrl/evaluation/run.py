@@ -62,11 +62,12 @@ class EvalResult:
 
     def metrics(self, prefix: str = "eval") -> dict[str, float]:
         """Flat metric names for the training log: <prefix>/<env>/{reward, reward_se, pass@1,
-        pass@<samples>, failures, turns, model_tokens, rollouts}, and <prefix>/reward(_se) overall."""
+        pass@<samples>, failures, turns, model_tokens, rollouts, tool_calls, with_tool_call}, and <prefix>/reward(_se) overall."""
         out: dict[str, float] = {}
         for env in self.envs():
             s = self.summary(env)
-            for key in ("reward", "reward_se", "pass@1", f"pass@{self.samples}", "turns", "model_tokens", "rollouts"):
+            for key in ("reward", "reward_se", "pass@1", f"pass@{self.samples}", "turns", "model_tokens", "rollouts",
+                        "tool_calls", "with_tool_call"):
                 out[f"{prefix}/{env}/{key}"] = float(s[key])
             out[f"{prefix}/{env}/failures"] = float(s["failed"])
         total = self.summary()
@@ -107,6 +108,7 @@ class Evaluator:
                 r.failures += 1
                 continue
             r.rewards.append(float(o.reward))
+            r.tool_calls.append(o.tool_calls)
             if o.trajectory is not None:
                 r.turns.append(o.trajectory.num_turns)
                 r.model_tokens.append(o.trajectory.num_model_tokens)
@@ -145,7 +147,7 @@ def table(rep: dict) -> str:
     models = rep["models"]
     k = rep["samples"]
     head = f"{'environment':<28} {'rows':>4} {'rollouts':>8} {'reward ± se':>16} {'pass@1':>6} {f'pass@{k}':>6} " \
-           f"{'failed':>6} {'turns':>5} {'tokens':>6}"
+           f"{'failed':>6} {'turns':>5} {'tokens':>6} {'tools':>5}"
     lines = []
     for i, m in enumerate(models):
         label = "A" if len(models) == 2 and i == 0 else "B" if len(models) == 2 else ""
@@ -155,7 +157,7 @@ def table(rep: dict) -> str:
         for env, s in groups:
             lines.append(f"{env:<28} {s['rows']:>4} {s['rollouts']:>8} {_pm(s['reward'], s['reward_se']):>16} "
                          f"{_num(s['pass@1']):>6} {_num(s[f'pass@{k}']):>6} {s['failed']:>6} {_num(s['turns'], 2):>5} "
-                         f"{_num(s['model_tokens'], 1):>6}")
+                         f"{_num(s['model_tokens'], 1):>6} {_num(s['tool_calls'], 2):>5}")
             if s["failures"]:
                 lines.append(f"{'':<28} failures: " + ", ".join(f"{kind}={n}" for kind, n in s["failures"].items()))
     if "compare" in rep:

@@ -50,6 +50,7 @@ class RowResult:
     failures: int = 0
     turns: list[int] = field(default_factory=list)
     model_tokens: list[int] = field(default_factory=list)
+    tool_calls: list[int] = field(default_factory=list)  # parsed function calls per scored sample
 
 
 def summarize(rows: list[RowResult], samples: int, threshold: float) -> dict:
@@ -64,6 +65,9 @@ def summarize(rows: list[RowResult], samples: int, threshold: float) -> dict:
         "reward_se": reward_se,
         "turns": _mean([t for r in rows for t in r.turns]),
         "model_tokens": _mean([t for r in rows for t in r.model_tokens]),
+        "tool_calls": _mean([t for r in rows for t in r.tool_calls]),
+        # the share of scored samples with at least one parsed tool call
+        "with_tool_call": _mean([float(t > 0) for r in rows for t in r.tool_calls]),
     }
     for k in sorted({1, samples}):
         # Rows with fewer than k scored samples (failures) cannot estimate pass@k: left out.

@@ -205,8 +205,8 @@ def hub_identifier(ds: dict) -> HFSource | None:
 
 # --- reasoning-gym ----------------------------------------------------------------------------
 def reasoning_gym_rows(rg: ReasoningGymSource, label: str) -> Iterator[RawRow]:
-    """Rows as NeMo Gym's reasoning_gym server verifies them: the question as the user message,
-    and the generator's question, answer and metadata (metadata.source_dataset names the scorer)."""
+    """Rows as NeMo Gym's reasoning_gym server verifies them: the question as the user message (after
+    the source's system prompt, if any), and the generator's question, answer and metadata (metadata.source_dataset names the scorer)."""
     try:
         import reasoning_gym
     except ImportError:
@@ -223,13 +223,26 @@ def reasoning_gym_rows(rg: ReasoningGymSource, label: str) -> Iterator[RawRow]:
     except Exception as e:  # unknown task names and bad settings surface as various types
         raise DataError(f"source '{label}': reasoning-gym cannot build {rg.tasks}: {type(e).__name__}: {e}",
                         hint="task names are reasoning-gym's (e.g. mini_sudoku, basic_arithmetic)") from None
+    system = reasoning_gym_system_prompt(rg.system_prompt)
     for i in range(rg.size):
         where = f"{label}#{i}"
         try:
             entry = dataset[i]
-            row = {"responses_create_params": {"input": [{"role": "user", "content": entry["question"]}]}, **entry}
-            yield RawRow(where, json.loads(json.dumps(row)))  # JSON types only, as a file would hold
+            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": entry["question"]}]
+            row = {"responses_create_params": {"input": messages}, **entry}
+            # JSON types only, as a file would hold: metadata values JSON has no type for (a
+            # Fraction in gsm_symbolic's) are written as their text.
+            yield RawRow(where, json.loads(json.dumps(row, default=str)))
         except Exception as e:
             yield RawRow(where, error=f"generator_error: {type(e).__name__}: {e}")
+
+
+def reasoning_gym_system_prompt(value: str | None) -> str | None:
+    """reasoning-gym's prompt of that name (default, simple, direct, DeepSeekZero), else the text itself."""
+    if not value:
+        return None
+    from reasoning_gym.utils import SYSTEM_PROMPTS
+
+    return SYSTEM_PROMPTS.get(value, value)
 
 

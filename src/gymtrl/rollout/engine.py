@@ -46,6 +46,7 @@ class RolloutOutcome:
     latency_s: float
     reply: dict | None
     model_calls: int = 0  # model calls that reported token ids (2+: a multi-turn episode)
+    tool_calls: int = 0  # function calls the model server parsed from the model's text (the agent ran them)
 
 
 @dataclass
@@ -84,6 +85,7 @@ def outcome_from_result(env: str, result: RunResult, vocab_size: int | None = No
         calls = len(token_items(response_output(reply)))
     except StitchError:
         calls = 0
+    tools = count_tool_calls(reply)
     reward, failure, detail = parse_reward(reply)
     if failure is None:
         try:
@@ -91,8 +93,17 @@ def outcome_from_result(env: str, result: RunResult, vocab_size: int | None = No
         except StitchError as e:
             failure, detail = e.kind, e.detail
         else:
-            return RolloutOutcome(env, reward, trajectory, None, "", result.latency_s, reply, calls)
-    return RolloutOutcome(env, None, None, failure, detail, result.latency_s, reply, calls)
+            return RolloutOutcome(env, reward, trajectory, None, "", result.latency_s, reply, calls, tools)
+    return RolloutOutcome(env, None, None, failure, detail, result.latency_s, reply, calls, tools)
+
+
+def count_tool_calls(reply: dict) -> int:
+    """The episode's `function_call` output items: calls in the tool-call format the model server's
+    parser accepts. A call written in any other format is plain text to the agent and not counted."""
+    output = response_output(reply)
+    if not isinstance(output, list):
+        return 0
+    return sum(isinstance(item, dict) and item.get("type") == "function_call" for item in output)
 
 
 class CopyPicker:

@@ -188,6 +188,7 @@ def batch_metrics(outcomes: list[RolloutOutcome]) -> dict[str, float]:
         if good:
             m[f"env/{env}/reward"] = mean(o.reward for o in good)  # type: ignore[misc]
             m[f"env/{env}/turns"] = mean(o.trajectory.num_turns for o in good)  # type: ignore[union-attr]
+            m[f"env/{env}/tool_calls"] = mean(o.tool_calls for o in good)
     return m
 
 
