@@ -2,14 +2,15 @@
 """Multi-turn prefix mismatches with and without gymtrl's prefix correction, and what it costs.
 
   python bench/prefix_correction.py --model MODEL_DIR --vllm-venv VENV --gym-venv VENV \
-      --rows-dir DIR [--episodes-per-row 12] [--requests 200] [--vllm-arg=--enforce-eager ...]
+      (--rows-dir DIR | --rows ENV=FILE ...) [--episodes-per-row 12] [--requests 200] [--vllm-arg=--enforce-eager ...]
 
 Starts two identical stacks through gymtrl's own launcher (vLLM + NeMo Gym's workplace_assistant
-and example_multi_step), one with the plugin on and one with it off, runs the same rows through
+and example_multi_step, or the environments of --rows, e.g. price_lookup=its validation.jsonl), one with the plugin on and one with it off, runs the same rows through
 both with gymtrl's rollout engine, and reports per environment the multi-turn episodes and the
 share that failed the prefix check. Then it times chat `/tokenize` on both servers with the
 same later-turn requests (taken from the corrected episodes): the plugin's cost per request.
-The model must call tools (tests/teach_tool_calls.py), or no episode has a second turn.
+The model must call tools (a real instruct model, or tests/teach_tool_calls.py), or no episode has a
+second turn.
 Writes a Markdown table to --out (default bench/results/prefix_correction.md) and prints it.
 On the GPU machine: bench/device/device_prefix_correction.sh.
 """
@@ -28,8 +29,16 @@ from pathlib import Path
 
 import httpx
 
-ENVS = {"workplace_assistant_simple_agent": "workplace_assistant",
-        "example_multi_step_simple_agent": "example_multi_step"}
+DEFAULT_ENVS = ("workplace_assistant", "example_multi_step")  # rows: --rows-dir/<env>/example.jsonl
+
+
+def row_files(args) -> dict[str, Path]:
+    """Environment name -> its rows file (the agent is <env>_simple_agent)."""
+    if args.rows:
+        return {env: Path(path) for env, _, path in (r.partition("=") for r in args.rows)}
+    if args.rows_dir is None:
+        raise SystemExit("prefix_correction.py: give --rows-dir or --rows ENV=FILE")
+    return {env: args.rows_dir / env / "example.jsonl" for env in DEFAULT_ENVS}
 
 
 def free_port() -> int:
@@ -49,7 +58,7 @@ def stack_config(args, correction: bool, out: Path):
         "gym": {"head_server_url": f"http://127.0.0.1:{free_port()}",
                 "launch": {"enabled": True, "venv": args.gym_venv, "env": dict(args.gym_env),
                            "config_paths": ["responses_api_models/vllm_model/configs/vllm_model_for_training.yaml",
-                                            *(f"resources_servers/{e}/configs/{e}.yaml" for e in ENVS.values())]}},
+                                            *(f"resources_servers/{e}/configs/{e}.yaml" for e in row_files(args))]}},
         "vllm": {"base_url": f"http://127.0.0.1:{free_port()}", "served_model_name": "policy",
                  "dtype": args.dtype, "max_model_len": args.max_model_len, "prefix_correction": correction,
                  "launch": {"enabled": True, "venv": args.vllm_venv, "extra_args": args.vllm_arg}},
@@ -58,11 +67,11 @@ def stack_config(args, correction: bool, out: Path):
     return load_config(path)
 
 
-def load_rows(rows_dir: Path, repeats: int) -> list[dict]:
+def load_rows(files: dict[str, Path], repeats: int, max_rows: int | None) -> list[dict]:
     rows = []
-    for agent, env in ENVS.items():
-        lines = (rows_dir / env / "example.jsonl").read_text().splitlines()
-        rows += [{**json.loads(l), "agent_ref": {"name": agent}} for l in lines if l.strip()]
+    for env, path in files.items():
+        lines = [l for l in path.read_text().splitlines() if l.strip()][:max_rows]
+        rows += [{**json.loads(l), "agent_ref": {"name": f"{env}_simple_agent"}} for l in lines]
     return rows * repeats
 
 
@@ -110,7 +119,10 @@ def main() -> int:
     ap.add_argument("--vllm-venv", required=True)
     ap.add_argument("--gym-venv", required=True)
     ap.add_argument("--gym-env", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
-    ap.add_argument("--rows-dir", type=Path, required=True, help="holds <env>/example.jsonl for both envs")
+    ap.add_argument("--rows-dir", type=Path, help="holds <env>/example.jsonl for workplace_assistant and example_multi_step")
+    ap.add_argument("--rows", action="append", default=[], metavar="ENV=FILE",
+                    help="an environment and its rows, instead of --rows-dir (repeatable)")
+    ap.add_argument("--max-rows", type=int, default=None, help="the first N rows of each environment")
     ap.add_argument("--episodes-per-row", type=int, default=12)
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=96)
@@ -131,7 +143,8 @@ def main() -> int:
     from gymtrl.rollout.rollout_func import batch_metrics
     from gymtrl.servers.stack import ServerStack
 
-    rows = load_rows(args.rows_dir, args.episodes_per_row)
+    files = row_files(args)
+    rows = load_rows(files, args.episodes_per_row, args.max_rows)
     results, stacks = {}, []
     try:
         for name in ("off", "on"):
@@ -163,13 +176,14 @@ def main() -> int:
              f"{args.template_label}; versions: {versions(args)}", "",
              "| environment | correction | multi-turn episodes | prefix mismatches | refused | other failures |",
              "|---|---|---|---|---|---|"]
-    for agent in ENVS:
+    for env in files:
+        agent = f"{env}_simple_agent"
         for name in ("off", "on"):
             m = results[name]["metrics"]
             outs = [o for o in results[name]["outcomes"] if o.env == agent]
             other = sum(o.failure is not None and o.failure.value not in ("prefix_mismatch", "prefix_correction_refused")
                         for o in outs)
-            lines.append(f"| {ENVS[agent]} | {name} | {m[f'env/{agent}/multi_turn_episodes']:.0f} | "
+            lines.append(f"| {env} | {name} | {m[f'env/{agent}/multi_turn_episodes']:.0f} | "
                          f"{m[f'env/{agent}/prefix_mismatch_rate']:.1%} | "
                          f"{m[f'env/{agent}/prefix_correction_refused_rate']:.1%} | {other} |")
     if times:

