@@ -85,8 +85,8 @@ follow() {  # LIMIT: until the run ends or LIMIT s pass; returns 0 when it ended
 collect() {
   cp $RUN/metrics.jsonl "$OUT/" 2>/dev/null
   tail -c 60000 $RUN.log > "$OUT/train.log" 2>/dev/null
-  for f in $RUN/plots/*.png; do [ -e "$f" ] && cp "$f" "$OUT/"; done
-  { tail -c 20000 $RUN/logs/vllm.log; echo; for f in $RUN/logs/gym.log $RUN/logs/gym/*.log; do echo "== $f"; tail -c 3000 "$f"; done; } \
+  for f in "$RUN"/plots/*.png; do [ -e "$f" ] && cp "$f" "$OUT/"; done
+  { tail -c 20000 $RUN/logs/vllm.log; echo; for f in "$RUN"/logs/gym.log "$RUN"/logs/gym/*.log; do echo "== $f"; tail -c 3000 "$f"; done; } \
     > "$OUT/servers.log" 2>/dev/null
 }
 
