@@ -15,8 +15,10 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 root=${GYMTRL_VENV_ROOT:-$HOME/.cache/gymtrl/venvs}
 # The interpreters: GYMTRL_PYTHON311 / GYMTRL_PYTHON313, else the first on PATH, else pyenv's usual place.
 first_python() {  # version -> the path of a python<version> found, or nothing
-  command -v "python$1" 2>/dev/null && return
   local found="" candidate
+  # A pyenv shim is on PATH even where that version is not selected, and then fails when run: take a
+  # python on PATH only if it runs.
+  candidate=$(command -v "python$1" 2>/dev/null) && "$candidate" -c '' 2>/dev/null && { echo "$candidate"; return; }
   for candidate in /root/.pyenv/versions/"$1".*/bin/"python$1"; do
     if [ -x "$candidate" ]; then found=$candidate; fi
   done

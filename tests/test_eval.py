@@ -252,6 +252,8 @@ output: {{dir: {tmp_path / 'run'}}}
             assert f"eval/{ENV}/{key}" in m, (key, m)
         assert m[f"eval/{ENV}/rollouts"] == 12 and m[f"eval/{ENV}/failures"] == 0
         assert m["eval/reward"] == m[f"eval/{ENV}/reward"]
+        # The weights pushed for the evaluation, and their check, are logged with it.
+        assert m["sync/seconds"] > 0 and "sync/verify_wait_seconds" in m, m
     # Training's own log lines keep their metrics (the eval lines are separate records).
     assert [m["step"] for m in metrics if "reward" in m] == [1, 2, 3]
     trained = [json.loads(line) for line in row_log.read_text().splitlines()]

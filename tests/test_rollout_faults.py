@@ -112,14 +112,29 @@ def test_no_cookie_travels_between_rollouts(agents):
     assert agents.cookies_seen == [None, None, None]
 
 
-def open_sockets() -> int:
-    fd_dir = Path("/proc/self/fd")
-    count = 0
-    for fd in fd_dir.iterdir():
+def open_connections(port: int) -> int:
+    """Connected TCP sockets this process holds with `port` at either end (the client's and the in-process
+    fault server's handler ends; not its listening socket). Sockets of anything else in the process, which
+    may open or close meanwhile, are not counted."""
+    inodes = set()
+    for fd in Path("/proc/self/fd").iterdir():
         try:
-            count += os.readlink(fd).startswith("socket:")
+            link = os.readlink(fd)
         except OSError:
-            pass
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[len("socket:["):-1])
+    count = 0
+    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local, remote, state, inode = fields[1], fields[2], fields[3], fields[9]
+            ports = {int(local.rsplit(":", 1)[1], 16), int(remote.rsplit(":", 1)[1], 16)}
+            count += inode in inodes and port in ports and state != "0A"  # 0A: LISTEN
     return count
 
 
@@ -131,16 +146,17 @@ def test_a_batch_of_many_rollouts_leaves_no_connection_open(agents):
     engine = RolloutEngine(GymTopology({"ok": f"{agents.url}/ok"}), SamplingParams(1.0, 1.0, 16), ledger,
                            max_concurrency=n, timeout_s=60.0, retries=0, retry_backoff_s=0.05)
     try:
-        before = open_sockets()
+        port = int(agents.url.rsplit(":", 1)[1])
+        assert open_connections(port) == 0
         for _ in range(2):
             outcomes = engine.run([row("ok") for _ in range(n)])
             assert [o.failure for o in outcomes] == [None] * n
             # The client's sockets close with the batch; the fault server's handler threads (in this
             # process too) close their ends as they see the EOF.
             deadline = time.monotonic() + 10
-            while open_sockets() != before and time.monotonic() < deadline:
+            while open_connections(port) and time.monotonic() < deadline:
                 time.sleep(0.1)
-            assert open_sockets() == before
+            assert open_connections(port) == 0
     finally:
         engine.close()
     assert agents.calls["ok"] == 2 * n

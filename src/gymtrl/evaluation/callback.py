@@ -105,8 +105,10 @@ class EvalCallback(TrainerCallback):
             raise RuntimeError("EvalCallback.bind(trainer) was not called")
         trainer = self.trainer
         self.last_step = step
-        _, check = self.publisher.publish(trainer)  # every process: a collective under ZeRO-3
-        self.publisher.settle(check)  # the main process's check; the others have none
+        pushed, check = self.publisher.publish(trainer)  # every process: a collective under ZeRO-3
+        # The main process's check (the others have none); the push and its check are logged with the
+        # evaluation (the next training step finds these weights already pushed).
+        pushed.update(self.publisher.settle(check))
         result = None
         if trainer.accelerator.is_main_process:
             start = time.monotonic()
@@ -118,7 +120,7 @@ class EvalCallback(TrainerCallback):
             seconds = time.monotonic() - start
         trainer.accelerator.wait_for_everyone()
         if result is not None:
-            metrics = {**result.metrics(), "eval/seconds": seconds}
+            metrics = {**result.metrics(), "eval/seconds": seconds, **pushed}
             log.info("step %d: eval reward %.4f ± %.4f (%d rows x %d samples, %.1fs)", step, metrics["eval/reward"],
                      metrics["eval/reward_se"], len(self.evaluator.keys), self.evaluator.samples, seconds)
             # transformers' Trainer.log, not GRPOTrainer's: that one would fold in (and clear) the metrics
