@@ -9,6 +9,7 @@ from gymtrl.errors import ConfigError
 
 SYNC_STRATEGIES = ("auto", "nccl", "broadcast", "ipc", "reload", "none")
 PROMPT_ID_SOURCES = ("generation", "tokenize")
+GYM_REQUIREMENTS = ("install", "check", "ignore")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 JUDGE_SERVERS = ("none", "policy", "url", "launch")
 PREPARE_SOURCE_KINDS = ("path", "hf", "gym_dataset", "reasoning_gym")
@@ -57,6 +58,9 @@ def check_values(cfg: Config, source: str) -> None:
     if cfg.gym.launch.prompt_ids not in PROMPT_ID_SOURCES:
         raise ConfigError(f"{source}: gym.launch.prompt_ids must be one of {', '.join(PROMPT_ID_SOURCES)}, "
                           f"got '{cfg.gym.launch.prompt_ids}'")
+    if cfg.gym.launch.requirements not in GYM_REQUIREMENTS:
+        raise ConfigError(f"{source}: gym.launch.requirements must be one of {', '.join(GYM_REQUIREMENTS)}, "
+                          f"got '{cfg.gym.launch.requirements}'")
     if cfg.sync.strategy not in SYNC_STRATEGIES:
         raise ConfigError(f"{source}: sync.strategy must be one of {', '.join(SYNC_STRATEGIES)}, got '{cfg.sync.strategy}'")
     if cfg.sync.bucket_mb < 1:

@@ -102,6 +102,12 @@ class GymLaunchConfig(ProcessLaunchConfig):
     # template again in vLLM's API server). A request_prompt_and_generation_token_ids you set in
     # `overrides` wins. bench/results/prompt_ids_source.md measures both.
     prompt_ids: str = "generation"
+    # What a launched server's requirements.txt names that the Gym venv lacks (NeMo Gym's own launcher
+    # gives each server a venv built from it; gymtrl runs them all in this one): "install" it with pip
+    # before any server starts, "check" (refuse to start, naming the server and the packages) or
+    # "ignore". pip_args go to that pip install, e.g. [--no-index, --find-links, /path/to/wheels].
+    requirements: str = "install"
+    pip_args: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import subprocess
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from gymtrl.atomic import write_text_atomic
 from gymtrl.net import server_root
 from gymtrl.config.schema import Config
-from gymtrl.errors import ConfigError
+from gymtrl.errors import ConfigError, ServerError
+from gymtrl.servers.gym_requirements import UNMET_PREFIX
 from gymtrl.servers.vllm import served_model_name
 
 LAUNCHER = Path(__file__).with_name("gym_launcher.py")
@@ -48,7 +52,8 @@ def gym_command(cfg: Config, log_dir: Path) -> list[str]:
     }
     for key, value in {**policy, **pool_overrides(cfg), **judge_overrides(cfg, log_dir), **launch.overrides}.items():
         cmd += ["--set", f"{key}={json.dumps(value)}"]
-    cmd += ["--prompt-ids", launch.prompt_ids]
+    cmd += ["--prompt-ids", launch.prompt_ids, "--requirements", launch.requirements]
+    cmd += [f"--pip-arg={arg}" for arg in launch.pip_args]
     if launch.copies > 1:
         cmd += ["--copies", str(launch.copies)]
     if cfg.judge.server != "none":
@@ -56,6 +61,48 @@ def gym_command(cfg: Config, log_dir: Path) -> list[str]:
         for name in cfg.judge.resources_servers:
             cmd += ["--judge-for", name]
     return cmd + list(launch.extra_args)
+
+
+def check_gym_requirements(cfg: Config, log_dir: Path) -> None:
+    """Before any server starts: every launched NeMo Gym server's requirements.txt is met by the Gym
+    venv (gym_launcher.py installs what is missing, with gym.launch.requirements=install), or the
+    run stops here naming the servers and packages. Its output goes to <log_dir>/gym_requirements.log."""
+    launch = cfg.gym.launch
+    if launch.command or launch.requirements == "ignore":
+        return
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / "gym_requirements.log"
+    cmd = gym_command(cfg, log_dir / "gym") + ["--requirements-only"]
+    try:
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, **launch.env},
+                              timeout=launch.startup_timeout_s)
+    except subprocess.TimeoutExpired:
+        raise ServerError(f"checking the NeMo Gym servers' requirements took over {launch.startup_timeout_s:g}s",
+                          hint="see pip's progress in the Gym venv, or set gym.launch.requirements=ignore") from None
+    write_text_atomic(log_path, done.stdout)
+    if done.returncode == 0:
+        return
+    unmet = [line[len(UNMET_PREFIX):] for line in done.stdout.splitlines() if line.startswith(UNMET_PREFIX)]
+    if not unmet:
+        tail = [line for line in done.stdout.splitlines() if line.strip()][-1:] or ["(no output)"]
+        raise ServerError(f"NeMo Gym's launcher failed before starting a server (exit {done.returncode}): {tail[0]}",
+                          hint=f"its whole output is in {log_path}")
+    report = json.loads(unmet[-1])
+    venv = report["venv"]
+    parts = [f"{s['server']} needs {', '.join(s['missing'])}" for s in report["servers"]]
+    wanted = [shlex.quote(line) for s in report["servers"] for line in s["install"]]
+    pip_install = f"`{venv}/bin/pip install {' '.join(dict.fromkeys(wanted))}`"
+    if report["installed"]:
+        errors = sorted({s["pip_error"] for s in report["servers"] if s.get("pip_error")})
+        why = f"; pip could not install them ({'; '.join(errors) or 'see the log'})"
+        hint = (f"install them into the Gym venv ({pip_install}), give pip a wheelhouse with "
+                f"gym.launch.pip_args='[--no-index,--find-links,DIR]', or start anyway with "
+                f"gym.launch.requirements=ignore; pip's output is in {log_path}")
+    else:
+        why = " (gym.launch.requirements=check installs nothing)"
+        hint = f"install them ({pip_install}) or set gym.launch.requirements=install"
+    raise ServerError(f"the Gym venv lacks what its environments need: {'; '.join(parts)}{why}", hint=hint)
 
 
 # NeMo Gym 0.7 caps each server's connections to one host (say, its agent's to the model server) at 1,024.

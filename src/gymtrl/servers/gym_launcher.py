@@ -97,6 +97,41 @@ def wire_judge(config, instance: str, judge_server: str) -> None:
     block["should_use_judge"] = True
 
 
+def ensure_requirements(server_dirs: dict, install: bool, pip_args: list[str]) -> None:
+    """Every launched server's requirements.txt met by this venv, installing what is missing when
+    `install`; otherwise print what is missing (one JSON line) and exit 3 before starting anything.
+    A package installed at another version than a server pins is left as it is, and logged."""
+    import json
+
+    from gym_requirements import UNMET_PREFIX, server_needs
+
+    needs = server_needs(server_dirs)
+    for need in needs:
+        if need.other_versions:
+            log(f"{need.server} pins other versions than this venv has (left as they are): "
+                f"{'; '.join(need.other_versions)}")
+    needs = [n for n in needs if n.missing]
+    if needs and install:
+        for need in needs:
+            log(f"{need.server} needs {', '.join(need.missing)} (from {need.requirements_file}): installing")
+            cmd = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", *pip_args, *need.install]
+            done = subprocess.run(cmd, cwd=need.requirements_file.parent, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
+            print(done.stdout, flush=True)
+            if done.returncode != 0:
+                errors = [ln.strip() for ln in done.stdout.splitlines() if ln.strip().startswith("ERROR")]
+                need.pip_error = errors[-1] if errors else f"pip exited with code {done.returncode}"
+        failed = {n.server: n.pip_error for n in needs}
+        needs = [n for n in server_needs(server_dirs) if n.missing]
+        for need in needs:
+            need.pip_error = failed.get(need.server)
+    if needs:
+        report = [{"server": n.server, "requirements_file": str(n.requirements_file), "missing": n.missing,
+                   "install": n.install, "pip_error": n.pip_error} for n in needs]
+        print(UNMET_PREFIX + json.dumps({"venv": sys.prefix, "installed": install, "servers": report}), flush=True)
+        sys.exit(3)
+
+
 def server_blocks(config):
     """(instance name, server type, implementation dir, block) for every startable server."""
     from omegaconf import DictConfig
@@ -208,6 +243,12 @@ def main() -> int:
                          "generation itself, or from a second, /tokenize, request (NeMo Gym's default)")
     ap.add_argument("--copies", type=int, default=1,
                     help="run this many copies of every server; rollouts spread over the agents' copies")
+    ap.add_argument("--requirements", choices=("install", "check", "ignore"), default="install",
+                    help="what a launched server's requirements.txt asks for that this venv lacks: install it "
+                         "with pip, refuse to start (exit 3), or start anyway")
+    ap.add_argument("--pip-arg", action="append", default=[], help="an argument for that pip install (repeatable)")
+    ap.add_argument("--requirements-only", action="store_true",
+                    help="resolve the config and handle the requirements, then exit without starting a server")
     args = ap.parse_args()
 
     roots = [str(Path(r).resolve()) for r in args.extra_root]
@@ -240,6 +281,11 @@ def main() -> int:
     if args.copies > 1:
         added = replicate(config, args.copies)
         log(f"{args.copies} copies of every server: added {len(added)} instances")
+    if args.requirements != "ignore":
+        dirs = {f"{t}/{impl}": _resolve_server_dir(Path(t, impl)) for _, t, impl, _ in server_blocks(config)}
+        ensure_requirements(dirs, install=args.requirements == "install", pip_args=args.pip_arg)
+    if args.requirements_only:
+        return 0
     config_yaml = OmegaConf.to_yaml(config)
     os.environ["NEMO_GYM_CONFIG_DICT"] = config_yaml  # HeadServer and children read it from here
     (log_dir / "gym_config.yaml").write_text(config_yaml)

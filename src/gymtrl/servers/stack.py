@@ -20,7 +20,7 @@ from gymtrl.net import server_root
 from gymtrl.config.schema import Config
 from gymtrl.errors import ServerError
 from gymtrl.gym.discovery import wait_ready
-from gymtrl.servers.gym import gym_command
+from gymtrl.servers.gym import check_gym_requirements, gym_command
 from gymtrl.servers.process import HealthDeadline, ManagedProcess, http_ok
 from gymtrl.servers.vllm import (RECEIVER_STRATEGIES, judge_vllm_command, judge_vllm_env, served_model_name, vllm_command, vllm_env,
                                  vllm_python)
@@ -99,6 +99,8 @@ class ServerStack:
             ensure_port_free(cfg.gym.head_server_url, "gym.head_server_url")
         if cfg.judge.server == "launch":
             ensure_port_free(cfg.judge.base_url, "judge.base_url")  # type: ignore[arg-type]
+        if cfg.gym.launch.enabled:
+            check_gym_requirements(cfg, self.log_dir)  # installs or refuses before any server starts
         needs_plugin = cfg.vllm.prefix_correction or self.strategy in RECEIVER_STRATEGIES
         if cfg.vllm.launch.enabled and needs_plugin and vllm_python(cfg):
             if ensure_installed(vllm_python(cfg)):
