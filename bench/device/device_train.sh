@@ -158,7 +158,7 @@ run_gymtrl() {
   local run=/tmp/run-$tag t0=$SECONDS rc
   rm -rf "$run" "$run.train.log"; touch "$run.train.log"
   ( while sleep 15; do
-      echo "$(date +%T) $tag steps=$(wc -l < "$run/metrics.jsonl" 2>/dev/null || echo 0) gpu_mem_MiB=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | paste -sd/) | $(tail -c 300 "$run.train.log" | tr '\r\n' '  ' | tail -c 160)"
+      echo "$(date +%T) $tag steps=$(wc -l 2>/dev/null < "$run/metrics.jsonl" || echo 0) gpu_mem_MiB=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | paste -sd/) | $(tail -c 300 "$run.train.log" | tr '\r\n' '  ' | tail -c 160)"
     done >> /tmp/progress.log ) &
   mon=$!
   note "gymtrl train [$tag]: $CONFIG, limit ${limit} s, overrides: $*"

@@ -31,9 +31,10 @@ def main(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks."),
 ) -> None:
     state["debug"] = debug
-    # transformers 5 renamed TrainingArguments.gradient_checkpointing and warns on every GRPOConfig TRL
-    # builds, whether or not the user set it: noise on every run (the key still works).
-    warnings.filterwarnings("ignore", message=r"`gradient_checkpointing` is deprecated", category=FutureWarning)
+    # transformers 5 renamed gradient checkpointing to activation checkpointing and warns on every
+    # GRPOConfig TRL builds and every call TRL makes to the old methods, whether or not the user set
+    # it: noise on every run (the key and the methods still work).
+    warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing\w*` is deprecated", category=FutureWarning)
     # gymtrl's own progress lines (servers started, plugin installed); other libraries keep theirs.
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("gymtrl: %(message)s"))

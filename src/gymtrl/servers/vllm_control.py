@@ -109,10 +109,58 @@ class VLLMControl:
             raise ServerError(f"cannot list models of vLLM server {self.base_url}: {e}") from None
         return [m.get("id") for m in data.get("data", [])]
 
+    def _tokenize(self, body: dict) -> list[int]:
+        resp = self._send("POST", "/tokenize", True, json=body)
+        if resp.status_code != 200:
+            raise ServerError(f"vLLM /tokenize answered HTTP {resp.status_code}: {resp.text[:300]}")
+        return resp.json()["tokens"]
+
     def prefix_correction_active(self, model_name: str) -> bool:
-        """Whether the server runs gymtrl's prefix correction, asked by behaviour: a chat /tokenize
-        whose assistant messages carry token ids that contradict each other must be refused by the
-        plugin (its marker in an HTTP 400), while stock vLLM ignores the ids and tokenizes."""
+        """Whether the server runs gymtrl's prefix correction, by a self-test of what it does: an
+        assistant message carries token ids for its text that are not the ids the template would give
+        (the text tokenized piece by piece), and the server's rendering of the next turn must hold those
+        ids, spliced in. Stock vLLM ignores the ids and renders the text (-> False). A plugin that is
+        loaded but refuses or splices wrong is an error (a vLLM whose renderer changed under it)."""
+        from gymtrl.vllm_plugin.protocol import REFUSAL_MARKER
+
+        user = {"role": "user", "content": "probe"}
+        prompt = self._tokenize({"model": model_name, "messages": [user], "add_generation_prompt": True})
+        text, generation = self._split_tokenization(model_name)
+        if generation is None:  # a tokenizer that merges nothing: ask by a refusal instead
+            return self._refuses_contradicting_ids(model_name)
+        body = {"model": model_name, "add_generation_prompt": True, "messages": [
+            user, {"role": "assistant", "content": text, "prompt_token_ids": prompt, "generation_token_ids": generation},
+            {"role": "user", "content": "again"}]}
+        resp = self._send("POST", "/tokenize", True, json=body)
+        if resp.status_code == 400 and REFUSAL_MARKER in resp.text:
+            raise ServerError(f"gymtrl's prefix correction in the vLLM at {self.base_url} refused its start-up "
+                              f"self-test: {resp.text[:300]}",
+                              hint="this vLLM's chat rendering differs from the versions gymtrl tests (see "
+                                   "`gymtrl doctor`); set vllm.prefix_correction=false to train without it")
+        if resp.status_code != 200:
+            raise ServerError(f"vLLM /tokenize answered HTTP {resp.status_code}: {resp.text[:300]}")
+        ids = resp.json()["tokens"]
+        if ids[: len(prompt) + len(generation)] == prompt + generation:
+            return True
+        if ids[: len(prompt)] == prompt:
+            return False  # rendered from the text: no correction
+        raise ServerError(f"the vLLM at {self.base_url} rendered a two-turn chat whose start is not its first "
+                          "turn's rendering: neither stock vLLM nor gymtrl's prefix correction does that")
+
+    PROBE_TEXTS = ("the", "ok", "hello", "probe", "answer")
+
+    def _split_tokenization(self, model_name: str) -> tuple[str, list[int] | None]:
+        """A text and ids that decode to it but are not its tokenization (its characters tokenized one
+        by one); (text, None) when the tokenizer merges none of the candidate words."""
+        for text in self.PROBE_TEXTS:
+            whole = self._tokenize({"model": model_name, "prompt": text, "add_special_tokens": False})
+            pieces = [i for ch in text
+                      for i in self._tokenize({"model": model_name, "prompt": ch, "add_special_tokens": False})]
+            if pieces != whole:
+                return text, pieces
+        return self.PROBE_TEXTS[0], None
+
+    def _refuses_contradicting_ids(self, model_name: str) -> bool:
         from gymtrl.vllm_plugin.protocol import REFUSAL_MARKER
 
         def turn(ids: list[int]) -> dict:
