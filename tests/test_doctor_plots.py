@@ -39,6 +39,7 @@ def test_doctor_reports_the_quickstart_and_starts_nothing(tmp_path, tiny_model):
         assert name in out, out
     assert "this combination is the one gymtrl pins and tests" in out, out
     assert "vLLM plugin in" in out
+    assert "environment requirements: every launched server's requirements.txt is met by" in out, out
     assert "weight sync: reload (sync.strategy=auto picks it here)" in out and "CUDA devices seen: 0" in out
     from gymtrl.doctor import count_params
 

@@ -187,3 +187,19 @@ def test_a_missing_requirement_is_installed_before_the_servers_start(tmp_path):
     log = (tmp_path / "logs/gym_requirements.log").read_text()
     assert f"resources_servers/needs_probe needs {PROBE}==1.0" in log and "Successfully installed" in log, log
     assert "needs_probe needs" not in (tmp_path / "logs2/gym_requirements.log").read_text()
+
+
+def test_doctor_names_what_an_environment_lacks_and_installs_nothing(tmp_path):
+    uninstall_probe()
+    wheels = tmp_path / "wheels"
+    build_wheel(wheels)  # there to install from: doctor still installs nothing
+    env_config = probe_environment(tmp_path / "envs", f"{PROBE}==1.0")
+    config = write_config(tmp_path, env_config, "install", ["--no-index", f"--find-links={wheels}"])
+    done = subprocess.run([sys.executable, "-m", "gymtrl.cli", "doctor", "--config", str(config)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "missing from the Gym venv (`gymtrl train` installs them with pip first)" in done.stdout, done.stdout
+    assert f"resources_servers/needs_probe: {PROBE}==1.0" in done.stdout, done.stdout
+    installed = subprocess.run([gym_python(), "-m", "pip", "show", PROBE], capture_output=True, text=True)
+    assert installed.returncode != 0, "doctor installed nothing"
+    assert not (tmp_path / "run").exists()

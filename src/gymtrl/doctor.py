@@ -14,6 +14,7 @@ import json
 import os
 import re
 import subprocess
+import tempfile
 from collections import Counter
 from importlib import metadata
 from pathlib import Path
@@ -164,6 +165,26 @@ def gpu_plan(cfg: Config, cuda: bool, device_count: int, strategy: str, shares_g
     return lines
 
 
+def gym_requirements_lines(cfg: Config) -> list[str]:
+    """What the launched NeMo Gym servers' requirements.txt files name that the Gym venv lacks
+    (checked by gym_launcher.py in the Gym venv, which installs nothing here and starts no server)."""
+    from gymtrl.servers.gym import unmet_gym_requirements
+
+    launch = cfg.gym.launch
+    if not launch.enabled or launch.command:
+        return ["environment requirements: NeMo Gym is not launched by gymtrl"]
+    if launch.requirements == "ignore":
+        return ["environment requirements: not checked (gym.launch.requirements=ignore)"]
+    with tempfile.TemporaryDirectory() as tmp:
+        report = unmet_gym_requirements(cfg, Path(tmp), install=False)
+    if report is None:
+        return [f"environment requirements: every launched server's requirements.txt is met by {launch.venv}"]
+    action = ("`gymtrl train` installs them with pip first" if launch.requirements == "install"
+              else "`gymtrl train` refuses to start (gym.launch.requirements=check)")
+    return [f"environment requirements: missing from the Gym venv ({action}):"] + [
+        f"  {s['server']}: {', '.join(s['missing'])}" for s in report["servers"]]
+
+
 def doctor(cfg: Config) -> list[str]:
     """Check the config as `train` does before starting servers (raises the first problem as a
     GymtrlError) and return the report's lines. Starts nothing."""
@@ -218,6 +239,7 @@ def doctor(cfg: Config) -> list[str]:
     else:
         lines.append("vLLM plugin: vLLM is not launched by gymtrl (the server must run `gymtrl vllm-plugin install`)")
 
+    lines += gym_requirements_lines(cfg)
     lines.append("GPU plan:")
     lines += [f"  {line}" for line in gpu_plan(cfg, cuda, count, strategy, shares_gpu)]
     params = count_params(cfg.model.name_or_path, cfg.model.trust_remote_code)

@@ -63,42 +63,52 @@ def gym_command(cfg: Config, log_dir: Path) -> list[str]:
     return cmd + list(launch.extra_args)
 
 
-def check_gym_requirements(cfg: Config, log_dir: Path) -> None:
-    """Before any server starts: every launched NeMo Gym server's requirements.txt is met by the Gym
-    venv (gym_launcher.py installs what is missing, with gym.launch.requirements=install), or the
-    run stops here naming the servers and packages. Its output goes to <log_dir>/gym_requirements.log."""
+def unmet_gym_requirements(cfg: Config, log_dir: Path, install: bool) -> dict | None:
+    """Run gym_launcher.py's requirements step alone (it starts no server): None when every launched
+    server's requirements.txt is met by the Gym venv (after installing what is missing, if `install`),
+    else its report: {"venv", "installed", "servers": [{"server", "missing", "install", ...}]}.
+    Its output goes to <log_dir>/gym_requirements.log."""
     launch = cfg.gym.launch
-    if launch.command or launch.requirements == "ignore":
-        return
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / "gym_requirements.log"
     cmd = gym_command(cfg, log_dir / "gym") + ["--requirements-only"]
+    cmd[cmd.index("--requirements") + 1] = "install" if install else "check"
     try:
         done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env={**os.environ, **launch.env},
-                              timeout=launch.startup_timeout_s)
+                              env={**os.environ, **launch.env}, timeout=launch.startup_timeout_s)
     except subprocess.TimeoutExpired:
         raise ServerError(f"checking the NeMo Gym servers' requirements took over {launch.startup_timeout_s:g}s",
                           hint="see pip's progress in the Gym venv, or set gym.launch.requirements=ignore") from None
     write_text_atomic(log_path, done.stdout)
     if done.returncode == 0:
-        return
+        return None
     unmet = [line[len(UNMET_PREFIX):] for line in done.stdout.splitlines() if line.startswith(UNMET_PREFIX)]
     if not unmet:
         tail = [line for line in done.stdout.splitlines() if line.strip()][-1:] or ["(no output)"]
         raise ServerError(f"NeMo Gym's launcher failed before starting a server (exit {done.returncode}): {tail[0]}",
                           hint=f"its whole output is in {log_path}")
-    report = json.loads(unmet[-1])
-    venv = report["venv"]
+    return {**json.loads(unmet[-1]), "log": str(log_path)}
+
+
+def check_gym_requirements(cfg: Config, log_dir: Path) -> None:
+    """Before any server starts: every launched NeMo Gym server's requirements.txt is met by the Gym
+    venv (what is missing installed first, with gym.launch.requirements=install), or the run stops
+    here naming the servers and packages."""
+    launch = cfg.gym.launch
+    if launch.command or launch.requirements == "ignore":
+        return
+    report = unmet_gym_requirements(cfg, log_dir, install=launch.requirements == "install")
+    if report is None:
+        return
     parts = [f"{s['server']} needs {', '.join(s['missing'])}" for s in report["servers"]]
     wanted = [shlex.quote(line) for s in report["servers"] for line in s["install"]]
-    pip_install = f"`{venv}/bin/pip install {' '.join(dict.fromkeys(wanted))}`"
+    pip_install = f"`{report['venv']}/bin/pip install {' '.join(dict.fromkeys(wanted))}`"
     if report["installed"]:
         errors = sorted({s["pip_error"] for s in report["servers"] if s.get("pip_error")})
         why = f"; pip could not install them ({'; '.join(errors) or 'see the log'})"
         hint = (f"install them into the Gym venv ({pip_install}), give pip a wheelhouse with "
                 f"gym.launch.pip_args='[--no-index,--find-links,DIR]', or start anyway with "
-                f"gym.launch.requirements=ignore; pip's output is in {log_path}")
+                f"gym.launch.requirements=ignore; pip's output is in {report['log']}")
     else:
         why = " (gym.launch.requirements=check installs nothing)"
         hint = f"install them ({pip_install}) or set gym.launch.requirements=install"
