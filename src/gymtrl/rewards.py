@@ -62,7 +62,10 @@ class ConfiguredReward:
         self.__name__ = name  # TRL logs each function as rewards/<__name__>/...
         self.envs = set(envs) if envs else None
 
-    def __call__(self, prompts, completions, completion_ids, env_reward, gym_env, log_metric=None, **kwargs):
+    def __call__(self, prompts, completions, completion_ids, env_reward, gym_env, log_metric=None, prompt_key=None,
+                 **kwargs):
+        if prompt_key is not None:  # the rows this batch was generated from (one-step-off: not TRL's `prompts`)
+            prompts = list(prompt_key)
         values = self.fn(prompts=prompts, completions=completions, completion_ids=completion_ids,
                          env_reward=env_reward, gym_env=gym_env, **kwargs)
         if not isinstance(values, (list, tuple)) or len(values) != len(prompts):

@@ -154,7 +154,8 @@ def train(cfg: Config, resume: str | None = None, stop_file: str | None = None) 
         engine = RolloutEngine.from_config(cfg, topo, args, model_vocab_size(cfg), watch=supervisor.watch)
         channel = StepChannel()
         placeholder = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
-        rollout_func = GymRolloutFunc(engine, store, publisher, placeholder, channel, supervisor, rediscover=find_agents)
+        rollout_func = GymRolloutFunc(engine, store, publisher, placeholder, channel, supervisor, rediscover=find_agents,
+                                      max_staleness=cfg.rollout.max_staleness)
         evaluator = EvalCallback.from_config(cfg, rollout_func, eval_ds)  # TRL gets no eval rows: see its docstring
         trainer = evaluator.bind(GRPOTrainer(
             model=cfg.model.name_or_path, reward_funcs=[make_env_reward(channel), *custom_rewards], args=args,
@@ -172,6 +173,7 @@ def train(cfg: Config, resume: str | None = None, stop_file: str | None = None) 
             died = servers.wait_for_exit(5.0) if isinstance(e, ServerError) else servers.exited()
             raise _with_checkpoint(died or e, trainer) from None
         finally:
+            rollout_func.close()  # a batch generated ahead for a step that will not run
             engine.close()
             control.close()
         return _finish(trainer, tokenizer, stopper, out_dir, rank)

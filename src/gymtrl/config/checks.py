@@ -79,6 +79,9 @@ def check_values(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: rollout.max_concurrency >= 1, rollout.timeout_s > 0 and rollout.retries >= 0 are required")
     if not 0.0 <= r.max_failure_rate <= 1.0:
         raise ConfigError(f"{source}: rollout.max_failure_rate must be between 0 and 1, got {r.max_failure_rate}")
+    if r.max_staleness not in (0, 1):
+        raise ConfigError(f"{source}: rollout.max_staleness must be 0 (synchronous) or 1 (one-step-off), "
+                          f"got {r.max_staleness}", hint="staleness above 1 is not supported yet")
     sup = cfg.supervision
     if sup.on_server_exit not in ("stop", "restart") or sup.max_restarts < 0:
         raise ConfigError(f"{source}: supervision.on_server_exit must be stop or restart (got '{sup.on_server_exit}'), "

@@ -139,6 +139,11 @@ class RolloutConfig:
     max_failure_rate: float = 0.5
     failure_window: int = 64
     failure_min_rollouts: int = 8
+    # 0: each batch is generated from the weights of the step that trains on it, while the trainer
+    # waits. 1 (one-step-off): the next batch is generated while this one trains, from weights one
+    # generation batch older (lag logged as rollout/policy_lag_steps, corrected for by the sampler
+    # correction). The push happens between batches, with no episode in flight, under every sync.
+    max_staleness: int = 0
 
 
 @dataclass

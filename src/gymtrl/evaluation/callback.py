@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from typing import Callable
 
 from transformers import Trainer, TrainerCallback
 
@@ -52,9 +53,10 @@ def check_disjoint(store: dict[str, dict], eval_keys: list[str]) -> None:
 
 class EvalCallback(TrainerCallback):
     def __init__(self, evaluator: Evaluator | None, publisher, training_engine: RolloutEngine | None,
-                 at_start: bool, every_steps: int, at_end: bool):
+                 at_start: bool, every_steps: int, at_end: bool, before_push: Callable[[], None] | None = None):
         self.evaluator = evaluator  # None: no eval rows, nothing to do
         self.publisher = publisher
+        self.before_push = before_push  # waits for a batch generated ahead (rollout.max_staleness=1)
         self.training_engine = training_engine  # its topology is followed (Gym restarted: agents found afresh)
         self.at_start, self.every_steps, self.at_end = at_start, every_steps, at_end
         self.trainer = None
@@ -74,7 +76,8 @@ class EvalCallback(TrainerCallback):
         engine = RolloutEngine(train.topology, train.sampling, FailureLedger(FailureBound(1.0, 1, 1)), r.max_concurrency,
                                r.timeout_s, r.retries, r.retry_backoff_s, vocab_size=train.vocab_size, watch=train.watch)
         evaluator = Evaluator(engine, rollout_func.rows, keys, e.samples, e.pass_threshold, e.seed, e.temperature)
-        return cls(evaluator, rollout_func.publisher, train, e.at_start, e.every_steps, e.at_end)
+        return cls(evaluator, rollout_func.publisher, train, e.at_start, e.every_steps, e.at_end,
+                   before_push=rollout_func.wait_ahead)
 
     def bind(self, trainer):
         """The trainer it evaluates for (TrainerCallback events do not carry it); returns the trainer."""
@@ -105,6 +108,8 @@ class EvalCallback(TrainerCallback):
             raise RuntimeError("EvalCallback.bind(trainer) was not called")
         trainer = self.trainer
         self.last_step = step
+        if self.before_push is not None:
+            self.before_push()  # no episode of a batch generated ahead is in flight during the push
         pushed, check = self.publisher.publish(trainer)  # every process: a collective under ZeRO-3
         # The main process's check (the others have none); the push and its check are logged with the
         # evaluation (the next training step finds these weights already pushed).

@@ -124,6 +124,10 @@ class CopyPicker:
         self.in_flight[url] -= 1
 
 
+class RolloutsCancelled(Exception):
+    """The engine was cancelled (the run is ending) while this batch was in flight."""
+
+
 class RolloutEngine:
     def __init__(self, topology: GymTopology, sampling: SamplingParams, ledger: FailureLedger,
                  max_concurrency: int, timeout_s: float, retries: int, retry_backoff_s: float,
@@ -137,6 +141,7 @@ class RolloutEngine:
         self.timeout_s = timeout_s
         self.max_concurrency = max_concurrency
         self._client_args = (max_concurrency, timeout_s, retries, retry_backoff_s)
+        self._cancelled = threading.Event()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="gymtrl-rollouts", daemon=True)
         self._thread.start()
@@ -182,6 +187,9 @@ class RolloutEngine:
                 if time.monotonic() > deadline:
                     future.cancel()
                     raise
+                if self._cancelled.is_set():
+                    future.cancel()
+                    raise RolloutsCancelled(f"{len(rows)} rollouts in flight were cancelled: the run is ending") from None
                 if self.watch is not None:
                     try:
                         self.watch()
@@ -194,6 +202,10 @@ class RolloutEngine:
             else:
                 self.ledger.record_failure(o.env, o.failure, o.detail)
         return outcomes
+
+    def cancel(self) -> None:
+        """End every batch in flight within a second (RolloutsCancelled), and every later one at once."""
+        self._cancelled.set()
 
     def close(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)

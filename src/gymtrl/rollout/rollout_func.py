@@ -9,10 +9,14 @@ whole NeMo Gym row, not just its messages, is what the agent needs.
 
 A failed rollout becomes a one-token placeholder with env_mask 0 and reward None: TRL excludes it
 from the group baseline and the loss, and the ledger counts it.
+
+With rollout.max_staleness=1 a call returns the batch generated during the step before and starts
+generating its own prompts for the next step (gymtrl.rollout.ahead has the whole scheme).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import Counter, defaultdict
@@ -23,7 +27,8 @@ from typing import Callable
 from gymtrl.errors import ServerError, WeightSyncError
 from gymtrl.gym.discovery import GymTopology
 from gymtrl.metrics import StepChannel
-from gymtrl.rollout.engine import RolloutEngine, RolloutOutcome
+from gymtrl.rollout.ahead import Batch, BatchAhead
+from gymtrl.rollout.engine import RolloutEngine, RolloutOutcome, RolloutsCancelled
 from gymtrl.failures import FailureKind
 from gymtrl.servers.supervisor import ServersRestarted, Supervisor
 from gymtrl.sync.publisher import WeightPublisher
@@ -34,7 +39,8 @@ log = logging.getLogger(__name__)
 class GymRolloutFunc:
     def __init__(self, engine: RolloutEngine, rows: dict[str, dict], publisher: WeightPublisher,
                  placeholder_token_id: int, channel: StepChannel,
-                 supervisor: Supervisor | None = None, rediscover: Callable[[], GymTopology] | None = None):
+                 supervisor: Supervisor | None = None, rediscover: Callable[[], GymTopology] | None = None,
+                 max_staleness: int = 0):
         self.engine = engine
         self.rows = rows
         self.publisher = publisher  # makes vLLM serve this step's weights, and checks it does
@@ -44,6 +50,8 @@ class GymRolloutFunc:
         self.rediscover = rediscover  # NeMo Gym's agents afresh, after Gym was restarted
         self.seen_generation = 0
         self._warned_in_flight = False
+        # rollout.max_staleness=1: the next step's batch is generated while this one trains (ahead.py)
+        self.ahead = BatchAhead() if max_staleness else None
 
     # --- servers restarted under a batch ------------------------------------------------------
     def _follow_restarts(self) -> None:
@@ -112,22 +120,95 @@ class GymRolloutFunc:
         if self.supervisor is not None:
             self.supervisor.handle_exits()  # a server that exited since the last batch: restarted, or the run stops
         self._follow_restarts()
-        metrics, check = self._publish(trainer)
-        rows = [self.rows[key] for key in prompts]
+        step = trainer.state.global_step
+        keys = list(prompts)
+        rows = [self.rows[key] for key in keys]
         self._warn_in_flight(len(rows))
+        if self.ahead is None:
+            batch = self._generate(keys, rows, trainer)
+            return self._hand_over(batch, step, waited=batch.seconds)
+        batch, waited = self._take_ahead(step)
+        if batch is None:  # the run's first call, a resumed run's, or the one after a dropped batch
+            log.info("step %d: nothing was generated ahead: this batch is generated now, and a second draw of "
+                     "its prompts is started for the next step", step)
+            batch = self._generate(keys, rows, trainer)
+            waited = batch.seconds
+        metrics, check = self._publish(trainer)  # this step's weights, with no episode in flight
+        self.ahead.start(functools.partial(self._generate_ahead, keys, rows, check, step, metrics), len(rows))
+        return self._hand_over(batch, step, waited)
+
+    def _generate(self, keys: list[str], rows: list[dict], trainer) -> Batch:
+        """Push this step's weights, run the batch and settle the push's check, while the trainer waits."""
+        metrics, check = self._publish(trainer)
         start = time.monotonic()
         outcomes = self._run_batch(rows, trainer, metrics, check)
-        metrics["rollout/batch_seconds"] = time.monotonic() - start
+        return Batch(keys, rows, outcomes, trainer.state.global_step, time.monotonic() - start, metrics)
+
+    def _generate_ahead(self, keys: list[str], rows: list[dict], check: Future | None, version: int,
+                        metrics: dict[str, float]) -> Batch:
+        """In the ahead thread, while the trainer trains: the rollouts, then the check of the push made for them."""
+        generation = self.supervisor.generation if self.supervisor is not None else 0
+        start = time.monotonic()
+        outcomes = self.engine.run(rows)
+        seconds = time.monotonic() - start
+        return Batch(keys, rows, outcomes, version, seconds, {**metrics, **self.publisher.settle(check)}, generation)
+
+    def _take_ahead(self, step: int) -> tuple[Batch | None, float]:
+        """The batch generated ahead; (None, 0) when there is none, or when it was dropped because a
+        server under it failed and was restarted (supervision.on_server_exit=restart)."""
+        try:
+            batch, waited = self.ahead.take()  # type: ignore[union-attr]
+            if batch is not None and self.supervisor is not None and batch.servers_generation != self.supervisor.generation:
+                # restarted from the trainer's thread while it ran: a new vLLM served weights from disk
+                log.warning("step %d: the batch generated ahead is dropped: servers were restarted under it", step)
+                self._follow_restarts()
+                return None, 0.0
+            return batch, waited
+        except ServersRestarted as e:
+            log.warning("step %d: the batch generated ahead is dropped after restarting %s", step, ", ".join(e.names))
+            self._follow_restarts()
+        except (ServerError, WeightSyncError):
+            self._recover_or_raise()
+            log.warning("step %d: the batch generated ahead is dropped: its server failed and was restarted", step)
+        return None, 0.0
+
+    def _hand_over(self, batch: Batch, step: int, waited: float) -> dict:
+        """TRL's batch from a generated one, with its metrics for the step that trains on it."""
+        metrics = dict(batch.metrics)
+        metrics["rollout/batch_seconds"] = batch.seconds
+        metrics["rollout/wait_seconds"] = waited  # the trainer's wait for this batch
+        if self.ahead is not None:
+            metrics["rollout/policy_lag_steps"] = float(step - batch.version)
         if self.supervisor is not None:
             metrics["servers/restarts"] = float(self.supervisor.restarts)
-        log_excluded(outcomes, trainer.state.global_step)
+        log_excluded(batch.outcomes, step)
         self.engine.ledger.check_bound()
 
-        out = to_trl_batch(outcomes, self.placeholder, rows)
-        metrics.update(batch_metrics(outcomes))
+        out = to_trl_batch(batch.outcomes, self.placeholder, batch.rows, batch.keys)
+        metrics.update(batch_metrics(batch.outcomes))
         metrics.update(self.engine.ledger.snapshot())
-        self.channel.put(metrics, [(o.env, o.trajectory.turn_spans if o.trajectory else []) for o in outcomes])
+        self.channel.put(metrics, [(o.env, o.trajectory.turn_spans if o.trajectory else []) for o in batch.outcomes])
         return out
+
+    def wait_ahead(self) -> None:
+        """Until the batch generated ahead is done (kept for the next step): before anything else uses
+        vLLM's weights, such as an evaluation's push."""
+        if self.ahead is not None:
+            self.ahead.wait()
+
+    def close(self) -> None:
+        """Cancel and drop the batch generated ahead for a step that will not run (the end of the run, a
+        stop, an error): the engine ends its requests within a second, so nothing waits on them."""
+        if self.ahead is None:
+            return
+        if self.ahead.in_flight:
+            self.engine.cancel()
+        dropped, error = self.ahead.close()
+        if dropped:
+            log.info("%d rollouts generated ahead for a step that did not run were not trained on", dropped)
+        if error is not None and not isinstance(error, RolloutsCancelled):
+            # nothing trains on it any more, but its failure (a push's check among them) is not passed over
+            log.warning("the batch generated ahead for a step that did not run failed: %s: %s", type(error).__name__, error)
 
 
 def log_excluded(outcomes: list[RolloutOutcome], step: int) -> None:
@@ -142,11 +223,15 @@ def log_excluded(outcomes: list[RolloutOutcome], step: int) -> None:
                 (last.detail or "-")[:300])
 
 
-def to_trl_batch(outcomes: list[RolloutOutcome], placeholder: int, rows: list[dict]) -> dict[str, list]:
+def to_trl_batch(outcomes: list[RolloutOutcome], placeholder: int, rows: list[dict],
+                 keys: list[str] | None = None) -> dict[str, list]:
     """TRL's rollout dict: one entry per outcome, in order. Extra keys reach the reward functions:
-    `row` (the dataset row) and `verifier` (the verifier's reply, without the episode) among them."""
+    `row` (the dataset row), `verifier` (the verifier's reply, without the episode) and `prompt_key`
+    (the row's key: TRL's `prompts` name the batch TRL asked for, which one-step-off is not) among them."""
     out: dict[str, list] = {k: [] for k in ("prompt_ids", "completion_ids", "logprobs", "env_mask", "env_reward",
                                             "gym_env", "num_turns", "rollout_failure", "row", "verifier")}
+    if keys is not None:
+        out["prompt_key"] = list(keys)
     for o, row in zip(outcomes, rows):
         t = o.trajectory
         if t is None:  # excluded: nothing to train on, and reward None keeps it out of the baseline

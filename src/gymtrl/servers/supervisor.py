@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -42,6 +43,8 @@ class Supervisor:
         self.restarts = 0
         self.generation = 0  # bumped by every restart; a consumer re-syncs when it changes
         self.last_restarted: list[str] = []
+        # The trainer's thread and a batch generated ahead (rollout.max_staleness=1) both look: one restarts.
+        self._lock = threading.RLock()
 
     @classmethod
     def from_config(cls, cfg, stack: "ServerStack", world: int, strategy: str) -> "Supervisor":
@@ -69,6 +72,10 @@ class Supervisor:
     def handle_exits(self) -> bool:
         """Raise if a launched server has exited and may not be restarted; restart it if it may.
         Returns whether servers were restarted."""
+        with self._lock:
+            return self._handle_exits()
+
+    def _handle_exits(self) -> bool:
         died = self.stack.exited()
         if died is None:
             return False
