@@ -60,7 +60,7 @@ def test_resolved_config_round_trips(tmp_path):
     (GOOD + "rollout:\n  max_concurrency: many\n", [], "bad value for 'rollout.max_concurrency'"),
     ("data:\n  train: x.jsonl\n", [], "required key(s) not set: model.name_or_path"),
     (GOOD, ["grpo.max_steps"], "override 'grpo.max_steps' is not of the form key=value"),
-    (GOOD, ["sync.strategy=magic"], "sync.strategy must be one of auto, nccl, broadcast, ipc, reload, none"),
+    (GOOD, ["sync.strategy=magic"], "sync.strategy must be one of auto, nccl, broadcast, ipc, reload, lora, none"),
     ("model: [unclosed\n", [], "c.yaml:2:1: invalid YAML"),
     ("- a\n- b\n", [], "the top level must be a mapping"),
 ])

@@ -206,7 +206,7 @@ def doctor(cfg: Config) -> list[str]:
     cuda = torch.cuda.is_available()
     count = torch.cuda.device_count() if cuda else 0
     shares_gpu = cuda and vllm_shares_trainer_gpu(cfg.vllm.launch.enabled, cfg.vllm.launch.env, dict(os.environ), count)
-    strategy = choose_strategy(cfg.sync.strategy, cuda, shares_gpu)
+    strategy = choose_strategy(cfg.sync.strategy, cuda, shares_gpu, lora=cfg.model.lora.r > 0)
     check_strategy(strategy, cuda, shares_gpu, rank_and_world()[1])
     args = build_grpo_config(cfg, strategy, cuda)
 

@@ -92,7 +92,7 @@ def serve(cfg: Config, host: str, ready_file: Path | None) -> None:
     t0 = time.monotonic()
     # The trainers run elsewhere: never on this node's GPUs, so auto means broadcast where there is CUDA
     # (the trainers' auto gives the same answer: vLLM then has the worker extension they need).
-    strategy = choose_strategy(cfg.sync.strategy, _cuda_available())
+    strategy = choose_strategy(cfg.sync.strategy, _cuda_available(), lora=cfg.model.lora.r > 0)
     with ServerStack(cfg, log_dir, strategy=strategy) as stack:
         record = servers_record(cfg)
         log.info("servers ready in %.0fs: vLLM %s, NeMo Gym %s (logs in %s)", time.monotonic() - t0,

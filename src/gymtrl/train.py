@@ -124,7 +124,7 @@ def train(cfg: Config, resume: str | None = None, stop_file: str | None = None) 
     cuda = torch.cuda.is_available()
     shares_gpu = cuda and vllm_shares_trainer_gpu(cfg.vllm.launch.enabled, cfg.vllm.launch.env, dict(os.environ),
                                                   torch.cuda.device_count())
-    strategy = choose_strategy(cfg.sync.strategy, cuda, shares_gpu)
+    strategy = choose_strategy(cfg.sync.strategy, cuda, shares_gpu, lora=cfg.model.lora.r > 0)
     check_strategy(strategy, cuda, shares_gpu, world)
     args = build_grpo_config(cfg, strategy, cuda)
     resume = resolve_resume(resume, Path(args.output_dir))  # <output.dir>/checkpoints
@@ -160,7 +160,7 @@ def train(cfg: Config, resume: str | None = None, stop_file: str | None = None) 
         trainer = evaluator.bind(GRPOTrainer(
             model=cfg.model.name_or_path, reward_funcs=[make_env_reward(channel), *custom_rewards], args=args,
             train_dataset=train_ds, processing_class=tokenizer, rollout_func=rollout_func,
-            callbacks=_callbacks(out_dir, supervisor, stopper, evaluator),
+            callbacks=_callbacks(out_dir, supervisor, stopper, evaluator), peft_config=lora_config(cfg),
         ))
         trl_seam.attach(trainer, strategy, sync, channel)  # sampler correction under every sync; gap metrics
 
@@ -176,7 +176,7 @@ def train(cfg: Config, resume: str | None = None, stop_file: str | None = None) 
             rollout_func.close()  # a batch generated ahead for a step that will not run
             engine.close()
             control.close()
-        return _finish(trainer, tokenizer, stopper, out_dir, rank)
+        return _finish(trainer, tokenizer, stopper, out_dir, rank, merged=cfg.model.lora.r > 0 and cfg.model.lora.save_merged)
 
 
 def _callbacks(out_dir: Path, supervisor, stopper, evaluator) -> list:
@@ -191,18 +191,46 @@ def _wandb_env(cfg: Config, out_dir: Path) -> None:
         os.environ.setdefault("WANDB_DIR", str(out_dir))
 
 
-def _finish(trainer, tokenizer, stopper, out_dir: Path, rank: int) -> Path:
-    """A stopped run: a checkpoint and the line that says how to continue. A finished one: final/."""
+def _finish(trainer, tokenizer, stopper, out_dir: Path, rank: int, merged: bool = False) -> Path:
+    """A stopped run: a checkpoint and the line that says how to continue. A finished one: final/
+    (and final/merged: the adapter merged into the base model, when asked)."""
     if stopper.stopped:
         path = save_now(trainer)
         raise StoppedBySignal(
             f"stopped by {stopper.reason} at step {trainer.state.global_step}; "
             f"checkpoint: {path}", hint="continue with the same command and --resume auto")
     final = out_dir / "final"
-    trainer.save_model(str(final))  # collective under ZeRO-3; the main process writes
+    merged_dir = final / "merged" if merged else None
+    trainer.save_model(str(final))  # collective under ZeRO-3; the main process writes (the adapter, with model.lora)
     if rank == 0:
         tokenizer.save_pretrained(str(final))
+        if merged_dir is not None:
+            save_merged(trainer, tokenizer, merged_dir)
     return final
+
+
+def lora_config(cfg: Config):
+    """PEFT's LoraConfig for model.lora (None: train every weight)."""
+    lora = cfg.model.lora
+    if lora.r <= 0:
+        return None
+    from peft import LoraConfig
+
+    modules = lora.target_modules[0] if list(lora.target_modules) == ["all-linear"] else list(lora.target_modules)
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha or 2 * lora.r, lora_dropout=lora.dropout,
+                      target_modules=modules, task_type="CAUSAL_LM")
+
+
+def save_merged(trainer, tokenizer, directory: Path) -> None:
+    """The base model with the trained adapter merged in, as a plain checkpoint (model.lora.save_merged)."""
+    from gymtrl.atomic import replace_dir
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    with replace_dir(directory) as partial:
+        merged = model.merge_and_unload()
+        merged.save_pretrained(str(partial))
+        tokenizer.save_pretrained(str(partial))
+    log.info("adapter merged into the base model: %s", directory)
 
 
 def _nccl_join_timed_out(cfg: Config, servers) -> None:

@@ -7,7 +7,7 @@ from gymtrl.config.schema import Config, PrepareConfig
 from gymtrl.net import same_server
 from gymtrl.errors import ConfigError
 
-SYNC_STRATEGIES = ("auto", "nccl", "broadcast", "ipc", "reload", "none")
+SYNC_STRATEGIES = ("auto", "nccl", "broadcast", "ipc", "reload", "lora", "none")
 PROMPT_ID_SOURCES = ("generation", "tokenize")
 GYM_REQUIREMENTS = ("install", "check", "ignore")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -53,6 +53,20 @@ def check_prepare(prep: PrepareConfig, source: str, where: str) -> None:
         raise ConfigError(f"{source}: prepare.max_rows must be >= 1, got {prep.max_rows}")
 
 
+def check_lora(cfg: Config, source: str) -> None:
+    lora = cfg.model.lora
+    if lora.r < 0 or (lora.alpha is not None and lora.alpha < 1) or not 0.0 <= lora.dropout < 1.0 or not lora.target_modules:
+        raise ConfigError(f"{source}: model.lora needs r >= 0 (0: no adapter), alpha >= 1, 0 <= dropout < 1 and "
+                          "at least one target module")
+    strategy = cfg.sync.strategy
+    if lora.r and strategy not in ("auto", "lora", "none"):
+        raise ConfigError(f"{source}: model.lora trains an adapter, and sync.strategy={strategy} pushes whole weights, "
+                          "which gymtrl does not merge from an adapter yet", hint="use sync.strategy=lora (or auto)")
+    if strategy == "lora" and not lora.r:
+        raise ConfigError(f"{source}: sync.strategy=lora pushes a LoRA adapter, and model.lora.r is 0 (no adapter)",
+                          hint="set model.lora.r (for example 16), or another sync.strategy")
+
+
 def check_values(cfg: Config, source: str) -> None:
     """The values a config may hold, beyond their types; `source` names the file in each message."""
     if cfg.gym.launch.prompt_ids not in PROMPT_ID_SOURCES:
@@ -63,6 +77,7 @@ def check_values(cfg: Config, source: str) -> None:
                           f"got '{cfg.gym.launch.requirements}'")
     if cfg.sync.strategy not in SYNC_STRATEGIES:
         raise ConfigError(f"{source}: sync.strategy must be one of {', '.join(SYNC_STRATEGIES)}, got '{cfg.sync.strategy}'")
+    check_lora(cfg, source)
     if cfg.sync.bucket_mb < 1:
         raise ConfigError(f"{source}: sync.bucket_mb must be >= 1, got {cfg.sync.bucket_mb}")
     for key, value in (("model.dtype", cfg.model.dtype), ("vllm.dtype", cfg.vllm.dtype)):

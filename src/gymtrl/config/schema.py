@@ -14,12 +14,29 @@ from omegaconf import MISSING
 
 
 @dataclass
+class LoraConfig:
+    # Rank of the LoRA adapter (PEFT) trained instead of the full model; 0 trains every weight. With
+    # an adapter, only the adapter is trained, held in the optimizer, checkpointed and pushed to vLLM
+    # (sync.strategy=lora, which auto picks): vLLM serves it as an adapter loaded in place each step.
+    r: int = 0
+    # LoRA's scaling numerator (None: 2 * r).
+    alpha: Optional[int] = None
+    # Dropout on the adapter's input during training.
+    dropout: float = 0.0
+    # Modules that get an adapter: PEFT's "all-linear" (every linear layer but the output head), or names.
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    # Also write the base model with the adapter merged into it to <output.dir>/final/merged.
+    save_merged: bool = False
+
+
+@dataclass
 class ModelConfig:
     # Hugging Face hub id or local directory of the policy to train (and serve from vLLM).
     name_or_path: str = MISSING
     # Trainer dtype: auto | float32 | bfloat16 | float16.
     dtype: str = "auto"
     trust_remote_code: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -163,13 +180,16 @@ class SupervisionConfig:
 class SyncConfig:
     # How new weights reach vLLM after each optimizer step: broadcast (vLLM on its own GPUs; gymtrl's
     # packed NCCL buckets) | nccl (vLLM on its own GPUs; TRL's sync) | ipc (vLLM on the trainer's GPU;
-    # CUDA IPC, one training process) | reload (through the disk; CPU) | none (never syncs: debugging
-    # only) | auto (reload on CPU; ipc when a launched vLLM gets the trainer's only GPU; else broadcast).
+    # CUDA IPC, one training process) | reload (through the disk; CPU) | lora (model.lora: only the
+    # adapter, through the disk, loaded in place by vLLM's LoRA support) | none (never syncs: debugging
+    # only) | auto (lora with model.lora; else reload on CPU; ipc when a launched vLLM gets the
+    # trainer's only GPU; else broadcast).
     strategy: str = "auto"
     # Check after every push that vLLM serves the trainer's weights; fail the run if not. Two checks:
     # exact (every vLLM worker's stamp names this push and the digest of every tensor it loaded equals
     # the trainer's; reload, ipc and broadcast, through gymtrl's worker extension) and behavioural (a
-    # probe's logprobs equal the trainer's within verify_tolerance; every strategy, the only one for nccl).
+    # probe's logprobs equal the trainer's within verify_tolerance; every strategy, the only one for nccl
+    # and lora).
     verify: bool = True
     # Largest allowed |logprob difference| per token (None: 1e-3 for float32, 5e-2 otherwise).
     verify_tolerance: Optional[float] = None

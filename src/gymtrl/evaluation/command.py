@@ -98,6 +98,11 @@ def evaluate(cfg: Config, model: str | None = None, compare: str | None = None, 
     if model:
         cfg.model.name_or_path = model
     first = cfg.model.name_or_path
+    for path in (first, compare):
+        if path and (Path(path) / "adapter_config.json").exists():
+            raise ConfigError(f"{path} is a LoRA adapter; gymtrl eval evaluates whole models",
+                              hint="evaluate the merged model (model.lora.save_merged writes <output.dir>/final/merged)")
+    cfg.model.lora.r = 0  # whole models, served as they are: no adapter to load
     if samples is not None and samples < 1:
         raise ConfigError(f"--samples must be >= 1, got {samples}")
     samples = samples or cfg.eval.samples

@@ -14,7 +14,7 @@ from gymtrl.net import server_root
 from gymtrl.config.schema import Config
 from gymtrl.errors import ConfigError, ServerError
 from gymtrl.servers.gym_requirements import UNMET_PREFIX
-from gymtrl.servers.vllm import served_model_name
+from gymtrl.servers.vllm import policy_model_name
 
 LAUNCHER = Path(__file__).with_name("gym_launcher.py")
 # gymtrl's own environments, in NeMo Gym's layout (resources_servers/<name>/app.py), shipped in the package.
@@ -45,7 +45,7 @@ def gym_command(cfg: Config, log_dir: Path) -> list[str]:
         "policy_base_url": cfg.vllm.base_url.rstrip("/") + "/v1",
         # Read by NeMo Gym from the environment, so the key never lands on a command line or in a log.
         "policy_api_key": f"${{oc.env:{cfg.vllm.api_key_env},EMPTY}}",
-        "policy_model_name": served_model_name(cfg),
+        "policy_model_name": policy_model_name(cfg),
         # Every server listens where the head does (NeMo Gym's default is loopback), so agents on
         # a server node are reachable by trainers on other nodes (gymtrl serve --host).
         "default_host": head.hostname or "127.0.0.1",

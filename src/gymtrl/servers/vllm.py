@@ -18,6 +18,28 @@ def served_model_name(cfg: Config) -> str:
     return cfg.vllm.served_model_name or cfg.model.name_or_path
 
 
+LORA_ADAPTER_NAME = "gymtrl-lora"
+# The ranks vLLM's --max-lora-rank accepts.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def policy_model_name(cfg: Config) -> str:
+    """The model name rollouts and checks ask vLLM for: the LoRA adapter trained with model.lora
+    (loaded in place under one name at every push), else the served model."""
+    if cfg.model.lora.r > 0 and cfg.sync.strategy != "none":
+        return LORA_ADAPTER_NAME
+    return served_model_name(cfg)
+
+
+def lora_server_args(rank: int) -> list[str]:
+    """vLLM's LoRA switches for one adapter of this rank (its --max-lora-rank rounded up to one it takes)."""
+    allowed = next((r for r in VLLM_LORA_RANKS if r >= rank), None)
+    if allowed is None:
+        raise ConfigError(f"model.lora.r={rank} is above vLLM's largest LoRA rank ({VLLM_LORA_RANKS[-1]})",
+                          hint=f"set model.lora.r to at most {VLLM_LORA_RANKS[-1]}")
+    return ["--enable-lora", "--max-lora-rank", str(allowed), "--max-loras", "1"]
+
+
 def vllm_command(cfg: Config, strategy: str) -> list[str]:
     """`vllm serve` for the policy; `strategy` is the weight sync's (choose_strategy's answer)."""
     launch = cfg.vllm.launch
@@ -43,6 +65,8 @@ def vllm_command(cfg: Config, strategy: str) -> list[str]:
         cmd += ["--weight-transfer-config", '{"backend":"nccl"}']
     elif strategy in RECEIVER_STRATEGIES:
         cmd += ["--worker-extension-cls", RECEIVER_CLASS]
+    elif strategy == "lora":
+        cmd += lora_server_args(cfg.model.lora.r)
     return cmd + list(launch.extra_args)
 
 
@@ -51,6 +75,8 @@ def vllm_env(cfg: Config) -> dict[str, str]:
     env = {"VLLM_SERVER_DEV_MODE": "1"}
     if cfg.vllm.prefix_correction:
         env[ENV_SWITCH] = "1"  # switches gymtrl's vLLM plugin on (gymtrl.vllm_plugin)
+    if cfg.model.lora.r > 0:
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"  # /v1/load_lora_adapter, each push
     return {**env, **cfg.vllm.launch.env}
 
 

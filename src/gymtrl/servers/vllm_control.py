@@ -184,6 +184,16 @@ class VLLMControl:
             raise ServerError(f"vLLM /collective_rpc {method} returned an unexpected answer: {str(out)[:200]}")
         return out["results"]
 
+    def load_lora_adapter(self, name: str, path: str) -> None:
+        """Load the adapter at `path` as `name`, in place of the version loaded under that name
+        (vLLM started with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING)."""
+        resp = self._send("POST", "/v1/load_lora_adapter", True,
+                          json={"lora_name": name, "lora_path": path, "load_inplace": True})
+        if resp.status_code != 200:
+            raise WeightSyncError(f"vLLM did not load the LoRA adapter {path} as {name}: HTTP {resp.status_code}: "
+                                  f"{resp.text[:300]}", hint="vLLM must run with --enable-lora and "
+                                  "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True (gymtrl launches it so with model.lora)")
+
     def reset_prefix_cache(self) -> None:
         self._post("/reset_prefix_cache", {})
 

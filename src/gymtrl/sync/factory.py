@@ -7,7 +7,7 @@ from pathlib import Path
 
 from gymtrl.config.schema import Config
 from gymtrl.errors import ConfigError, ServerError
-from gymtrl.servers.vllm import served_model_name
+from gymtrl.servers.vllm import policy_model_name
 from gymtrl.servers.vllm_control import VLLMControl
 from gymtrl.sync.base import WeightSync
 from gymtrl.sync.check import ProbeCheck, StampCheck, default_tolerance, probe_token_ids
@@ -17,11 +17,14 @@ from gymtrl.sync.receiver import check_receivers
 log = logging.getLogger(__name__)
 
 
-def choose_strategy(configured: str, cuda_available: bool, shares_gpu: bool = False) -> str:
-    """`auto`: reload on CPU, ipc when vLLM runs on the trainer's only GPU, else broadcast (gymtrl's
-    own NCCL transport, faster than TRL's and checked exactly; docs/performance.md)."""
+def choose_strategy(configured: str, cuda_available: bool, shares_gpu: bool = False, lora: bool = False) -> str:
+    """`auto`: lora when training an adapter; else reload on CPU, ipc when vLLM runs on the trainer's
+    only GPU, else broadcast (gymtrl's own NCCL transport, faster than TRL's and checked exactly;
+    docs/performance.md)."""
     if configured != "auto":
         return configured
+    if lora:
+        return "lora"
     if not cuda_available:
         return "reload"
     return "ipc" if shares_gpu else "broadcast"
@@ -72,6 +75,10 @@ def build_sync(cfg: Config, strategy: str, control: VLLMControl, out_dir: Path) 
         return BroadcastSync(control, cfg.sync.bucket_mb, cfg.vllm.dtype, cfg.vllm.request_timeout_s)
     if strategy == "nccl":
         return NcclSync()
+    if strategy == "lora":
+        from gymtrl.sync.lora import LoraSync
+
+        return LoraSync(control, Path(cfg.sync.dir or out_dir / "weight_sync"), policy_model_name(cfg))
     return WeightSync()
 
 
@@ -99,7 +106,7 @@ def build_publisher(cfg: Config, sync: WeightSync, control: VLLMControl, tokeniz
             dtypes = {cfg.model.dtype, cfg.vllm.dtype}
             tol = default_tolerance("float32" if dtypes == {"float32"} else "mixed")
             scaled = dtypes != {"float32"}
-        probe = ProbeCheck(control, served_model_name(cfg), probe_token_ids(tokenizer), tol, scale_with_logits=scaled)
+        probe = ProbeCheck(control, policy_model_name(cfg), probe_token_ids(tokenizer), tol, scale_with_logits=scaled)
     stamp = StampCheck(control) if cfg.sync.verify else None
     if cfg.sync.verify and sync.name == "nccl":
         log.warning("sync.strategy=nccl: TRL's sync is checked by the logprob probe only, which a small step in bf16 "

@@ -18,7 +18,7 @@ from gymtrl.distributed import full_weights, is_zero3
 from gymtrl.sync.base import WeightSync
 from gymtrl.sync.check import ProbeCheck, StampCheck
 
-GATHERED_SYNCS = ("reload", "ipc", "broadcast")  # the syncs that need whole parameters under ZeRO-3
+GATHERED_SYNCS = ("reload", "ipc", "broadcast", "lora")  # the syncs that need whole parameters under ZeRO-3
 
 
 class WeightPublisher:
