@@ -25,6 +25,9 @@
 # wait LIMIT: follows the run until it ends or LIMIT s pass (one line every 30 s), then copies its files
 #       to $OUT (metrics.jsonl, the train log's tail, plots, server log tails). STOP=1: asks the run to stop
 #       at the next step (its STOP file) before following it.
+# staleness LIMIT: after the install and the model (prep, as start does): `gymtrl serve` once, then
+#       `gymtrl train --servers` with rollout.max_staleness=0 and =1 in turn (STEPS steps each, no evaluation,
+#       up to 3 rounds while time is left) -> $OUT/staleness/*.jsonl and bench/staleness_speed.py's table.
 # prefix LIMIT: bench/prefix_correction.py with the same model on price_lookup's validation rows (plugin off
 #       and on, 256 episodes each) -> $OUT/prefix_correction.md.
 set -uo pipefail
@@ -90,31 +93,37 @@ collect() {
     > "$OUT/servers.log" 2>/dev/null
 }
 
-if [ "$mode" = start ]; then
-  limit=${1:-540}; shift || true
+prep() {  # the bundle installed (its last part carried by this call), the extras, the model converted, the rows made
   inst=$(first_file .gpu-bundle/p*/install.sh)
-  if [ -n "$inst" ]; then bash "$inst" --need-all > /tmp/install.log 2>&1 || { tail -5 /tmp/install.log; exit 3; }; fi
-  [ -f /tmp/site/env.sh ] || { echo "bundle not installed (the machine went cold?)"; exit 3; }
+  if [ -n "$inst" ]; then bash "$inst" --need-all > /tmp/install.log 2>&1 || { tail -5 /tmp/install.log; return 3; }; fi
+  [ -f /tmp/site/env.sh ] || { echo "bundle not installed (the machine went cold?)"; return 3; }
   # shellcheck source=/dev/null
   . /tmp/site/env.sh
-  unpack_extra || exit 3
-  [ -d /tmp/rg ] || { note "no /tmp/rg: the first call's .gpu-rg did not land"; exit 3; }
+  unpack_extra || return 3
+  [ -d /tmp/rg ] || { note "no /tmp/rg: the first call's .gpu-rg did not land"; return 3; }
   export PYTHONPATH="$PWD/src:$PYTHONPATH:/tmp/extra:/tmp/rg"  # the bundle's versions win over the extras
   launcher_dirs
   kill_leftovers
+  [ -f /tmp/prep.done ] && { model=$(cat /tmp/prep.done); return 0; }
   {
     nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader
     python3 -c 'import importlib.metadata as m; print("versions:", ", ".join(f"{d} {m.version(d)}" for d in ("vllm", "trl", "transformers", "torch", "gguf", "reasoning_gym")))'
     git log -1 --format='gymtrl commit %h %cd' 2>/dev/null; echo "working tree: $(git status --short 2>/dev/null | wc -l) changed files"
   } >> "$OUT/device.txt" 2>&1
-  t0=$SECONDS
+  local t0=$SECONDS
   python3 -m gymtrl.cli models fetch qwen2.5-coder-0.5b-instruct --from-parts /tmp/mp --cache /tmp/models --dtype bfloat16 \
-    > /tmp/fetch.log 2>&1 || { tail -5 /tmp/fetch.log; exit 4; }
-  model=$(python3 -m gymtrl.cli models path qwen2.5-coder-0.5b-instruct --cache /tmp/models) || exit 4
+    > /tmp/fetch.log 2>&1 || { tail -5 /tmp/fetch.log; return 4; }
+  model=$(python3 -m gymtrl.cli models path qwen2.5-coder-0.5b-instruct --cache /tmp/models) || return 4
   note "model $model ready in $((SECONDS - t0)) s"
   gym_root=$(dirname "$(find /tmp/gym-site -maxdepth 5 -type d -name responses_api_models | head -1)")
-  python3 -m gymtrl.cli prepare-data --config "$CONFIG" "prepare.gym_root=$gym_root" > /tmp/prepare.log 2>&1 || { tail -5 /tmp/prepare.log; exit 4; }
+  python3 -m gymtrl.cli prepare-data --config "$CONFIG" "prepare.gym_root=$gym_root" > /tmp/prepare.log 2>&1 || { tail -5 /tmp/prepare.log; return 4; }
   note "$(grep 'wrote' /tmp/prepare.log)"
+  echo "$model" > /tmp/prep.done
+}
+
+if [ "$mode" = start ]; then
+  limit=${1:-540}; shift || true
+  prep || exit $?
   rm -rf $RUN $RUN.log
   CUDA_VISIBLE_DEVICES=0 PYTHONUNBUFFERED=1 setsid nohup python3 -m gymtrl.cli train --config "$CONFIG" \
     "model.name_or_path=$model" "gym.launch.env.PYTHONPATH=$GYM_PYTHONPATH:/tmp/rg" "output.dir=$RUN" \
@@ -123,6 +132,39 @@ if [ "$mode" = start ]; then
   echo $! > $RUN.pid
   note "gymtrl train started (pid $(cat $RUN.pid)): $CONFIG $*"
   follow "$limit"; collect; exit 0
+fi
+
+if [ "$mode" = staleness ]; then  # synchronous against one-step-off: one set of servers, runs in turn, this call
+  limit=${1:-560}; shift || true; t0=$SECONDS
+  steps=${STEPS:-14}
+  prep || exit $?
+  mkdir -p /tmp/stale "$OUT/staleness"; rm -f /tmp/servers.json
+  CUDA_VISIBLE_DEVICES=0 setsid nohup python3 -m gymtrl.cli serve --config "$CONFIG" --host 127.0.0.1 --ready-file /tmp/servers.json \
+    "model.name_or_path=$model" "gym.launch.env.PYTHONPATH=$GYM_PYTHONPATH:/tmp/rg" \
+    vllm.launch.startup_timeout_s=300 gym.launch.startup_timeout_s=180 > /tmp/stale/serve.log 2>&1 < /dev/null &
+  serve=$!
+  until [ -f /tmp/servers.json ]; do
+    kill -0 $serve 2>/dev/null || { note "gymtrl serve exited"; tail -20 /tmp/stale/serve.log; exit 5; }
+    sleep 2
+  done
+  note "servers up after $((SECONDS - t0)) s"
+  for round in 1 2 3; do
+    for k in 0 1; do
+      left=$((limit - (SECONDS - t0)))
+      [ $left -lt 150 ] && { note "round $round max_staleness=$k skipped: $left s left"; break 2; }
+      name=$k-r$round
+      CUDA_VISIBLE_DEVICES=0 timeout -k 10 $((left - 40)) python3 -m gymtrl.cli train --config "$CONFIG" --servers /tmp/servers.json \
+        "model.name_or_path=$model" "output.dir=/tmp/stale/$name" "rollout.max_staleness=$k" "grpo.max_steps=$steps" \
+        eval.at_start=false eval.at_end=false eval.every_steps=0 logging.progress_bar=false "$@" > "/tmp/stale/$name.log" 2>&1
+      note "$name exited $? after $((SECONDS - t0)) s: $(grep -c '"reward"' /tmp/stale/$name/metrics.jsonl 2>/dev/null) steps"
+      cp "/tmp/stale/$name/metrics.jsonl" "$OUT/staleness/$name.jsonl" 2>/dev/null
+      tail -c 3000 "/tmp/stale/$name.log" > "$OUT/staleness/$name.log"
+    done
+  done
+  kill -TERM -- -$serve 2>/dev/null; sleep 5
+  tail -c 4000 /tmp/stale/serve.log > "$OUT/staleness/serve.log"
+  python3 bench/staleness_speed.py "$OUT"/staleness/*.jsonl --from-step 3 --device "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" \
+    --out "$OUT/staleness.md"; cat "$OUT/staleness.md"; exit 0
 fi
 
 if [ "$mode" = wait ]; then
@@ -146,4 +188,4 @@ if [ "$mode" = prefix ]; then  # after start: the prefix-correction benchmark wi
     --device-label "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" --out "$OUT/prefix_correction.md" > "$OUT/prefix.log" 2>&1
   echo "prefix_correction.py exited $?"; tail -20 "$OUT/prefix.log"; exit 0
 fi
-echo "unknown mode $mode (build | stash | start LIMIT | wait LIMIT | prefix LIMIT)"; exit 2
+echo "unknown mode $mode (build | stash | start LIMIT | wait LIMIT | staleness LIMIT | prefix LIMIT)"; exit 2

@@ -83,7 +83,7 @@ class GymRolloutFunc:
         """The batch's rollouts, with the sync's check running beside them: the outcomes are returned
         only once the check passed. A server restarted mid-batch, or a failed check that a restart
         recovers from, runs the whole batch again on freshly pushed weights."""
-        step = trainer.state.global_step
+        step = trainer.state.global_step + 1  # the step this batch trains, as metrics.jsonl numbers it
         while True:
             try:
                 outcomes = self.engine.run(rows)
@@ -120,7 +120,8 @@ class GymRolloutFunc:
         if self.supervisor is not None:
             self.supervisor.handle_exits()  # a server that exited since the last batch: restarted, or the run stops
         self._follow_restarts()
-        step = trainer.state.global_step
+        version = trainer.state.global_step  # the optimizer steps taken: the weights pushed now
+        step = version + 1  # the step this call's batch trains, as metrics.jsonl and the log number it
         keys = list(prompts)
         rows = [self.rows[key] for key in keys]
         self._warn_in_flight(len(rows))
@@ -129,12 +130,13 @@ class GymRolloutFunc:
             return self._hand_over(batch, step, waited=batch.seconds)
         batch, waited = self._take_ahead(step)
         if batch is None:  # the run's first call, a resumed run's, or the one after a dropped batch
-            log.info("step %d: nothing was generated ahead: this batch is generated now, and a second draw of "
+            log.info("step %d: nothing was generated ahead (a run's first step, a resumed run's, or one after a dropped "
+                     "batch): this batch is generated now, and a second draw of "
                      "its prompts is started for the next step", step)
             batch = self._generate(keys, rows, trainer)
             waited = batch.seconds
         metrics, check = self._publish(trainer)  # this step's weights, with no episode in flight
-        self.ahead.start(functools.partial(self._generate_ahead, keys, rows, check, step, metrics), len(rows))
+        self.ahead.start(functools.partial(self._generate_ahead, keys, rows, check, version, metrics), len(rows))
         return self._hand_over(batch, step, waited)
 
     def _generate(self, keys: list[str], rows: list[dict], trainer) -> Batch:
@@ -178,7 +180,7 @@ class GymRolloutFunc:
         metrics["rollout/batch_seconds"] = batch.seconds
         metrics["rollout/wait_seconds"] = waited  # the trainer's wait for this batch
         if self.ahead is not None:
-            metrics["rollout/policy_lag_steps"] = float(step - batch.version)
+            metrics["rollout/policy_lag_steps"] = float(step - 1 - batch.version)  # optimizer steps since its weights
         if self.supervisor is not None:
             metrics["servers/restarts"] = float(self.supervisor.restarts)
         log_excluded(batch.outcomes, step)
