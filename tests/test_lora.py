@@ -84,6 +84,37 @@ def test_an_adapter_push_is_checked_and_a_vllm_that_kept_the_old_adapter_is_caug
     control.close()
 
 
+def test_a_whole_weight_sync_pushes_the_adapter_merged_and_leaves_the_model_as_it_was(servers, tiny_model, tmp_path):
+    """model.lora with sync.strategy=reload (or ipc, broadcast): vLLM gets the base weights with the
+    adapter merged in, under the base model's names, checked exactly; the trainer's model is not changed."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gymtrl.sync.check import StampCheck
+    from gymtrl.sync.merged import as_pushed
+    from gymtrl.sync.reload import ReloadSync
+
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    names = {n for n, _ in plain.named_parameters()}
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32),
+                           LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules="all-linear", init_lora_weights=False))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    control = VLLMControl(servers.vllm_url, 120.0)
+    sync = ReloadSync(control, tmp_path / "sync")
+    view = as_pushed(model, "reload")
+    assert {n for n, _ in view.named_parameters()} == names
+    sync.push(view)
+    assert StampCheck(control).check(sync.expected, step=1) >= len(names)  # (and a tied head under its own name)
+    # vLLM's logprobs are the adapter model's (random, non-zero adapter: far from the base model's).
+    probe = ProbeCheck(control, "tiny", probe_token_ids(AutoTokenizer.from_pretrained(tiny_model)), 1e-3)
+    assert probe.check(model, step=1) < 1e-3
+    with pytest.raises(WeightSyncError):
+        ProbeCheck(control, "tiny", probe.probe_ids, 1e-3).check(plain, step=1)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    sync.push(plain)  # the session's vLLM serves the tiny model again
+    control.close()
+
+
 def _fault_write_adapter_without_loading(model, directory) -> None:
     """Fault injection: the trainer's side of an adapter push, and no call to vLLM."""
     model.save_pretrained(str(directory / "adapter-unsent"))
@@ -148,7 +179,7 @@ def test_lora_settings_that_cannot_work_are_refused(tmp_path):
 
     path = tmp_path / "c.yaml"
     for body, message in (
-        ("model: {name_or_path: m, lora: {r: 8}}\nsync: {strategy: reload}", "sync.strategy=lora"),
+        ("model: {name_or_path: m, lora: {r: 8}}\nsync: {strategy: nccl}", "sync.strategy=lora"),
         ("model: {name_or_path: m}\nsync: {strategy: lora}", "model.lora.r"),
         ("model: {name_or_path: m, lora: {r: -1}}", "model.lora needs r >= 0"),
     ):

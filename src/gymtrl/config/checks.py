@@ -59,9 +59,10 @@ def check_lora(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: model.lora needs r >= 0 (0: no adapter), alpha >= 1, 0 <= dropout < 1 and "
                           "at least one target module")
     strategy = cfg.sync.strategy
-    if lora.r and strategy not in ("auto", "lora", "none"):
-        raise ConfigError(f"{source}: model.lora trains an adapter, and sync.strategy={strategy} pushes whole weights, "
-                          "which gymtrl does not merge from an adapter yet", hint="use sync.strategy=lora (or auto)")
+    if lora.r and strategy == "nccl":
+        raise ConfigError(f"{source}: model.lora trains an adapter, and sync.strategy=nccl is TRL's own sync, which "
+                          "gymtrl does not hand a merged model", hint="use sync.strategy=lora (or auto), or broadcast "
+                          "(the adapter merged into whole weights)")
     if strategy == "lora" and not lora.r:
         raise ConfigError(f"{source}: sync.strategy=lora pushes a LoRA adapter, and model.lora.r is 0 (no adapter)",
                           hint="set model.lora.r (for example 16), or another sync.strategy")

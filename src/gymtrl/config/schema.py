@@ -17,7 +17,8 @@ from omegaconf import MISSING
 class LoraConfig:
     # Rank of the LoRA adapter (PEFT) trained instead of the full model; 0 trains every weight. With
     # an adapter, only the adapter is trained, held in the optimizer, checkpointed and pushed to vLLM
-    # (sync.strategy=lora, which auto picks): vLLM serves it as an adapter loaded in place each step.
+    # (sync.strategy=lora, which auto picks): vLLM serves it as an adapter loaded in place each step;
+    # reload, ipc and broadcast push it merged into whole weights instead.
     r: int = 0
     # LoRA's scaling numerator (None: 2 * r).
     alpha: Optional[int] = None

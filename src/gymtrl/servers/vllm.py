@@ -23,12 +23,15 @@ LORA_ADAPTER_NAME = "gymtrl-lora"
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
+def pushes_adapter(cfg: Config) -> bool:
+    """model.lora with the adapter sync (sync.strategy lora, or auto): vLLM serves the adapter."""
+    return cfg.model.lora.r > 0 and cfg.sync.strategy in ("auto", "lora")
+
+
 def policy_model_name(cfg: Config) -> str:
-    """The model name rollouts and checks ask vLLM for: the LoRA adapter trained with model.lora
+    """The model name rollouts and checks ask vLLM for: the LoRA adapter pushed by the lora sync
     (loaded in place under one name at every push), else the served model."""
-    if cfg.model.lora.r > 0 and cfg.sync.strategy != "none":
-        return LORA_ADAPTER_NAME
-    return served_model_name(cfg)
+    return LORA_ADAPTER_NAME if pushes_adapter(cfg) else served_model_name(cfg)
 
 
 def lora_server_args(rank: int) -> list[str]:
@@ -75,7 +78,7 @@ def vllm_env(cfg: Config) -> dict[str, str]:
     env = {"VLLM_SERVER_DEV_MODE": "1"}
     if cfg.vllm.prefix_correction:
         env[ENV_SWITCH] = "1"  # switches gymtrl's vLLM plugin on (gymtrl.vllm_plugin)
-    if cfg.model.lora.r > 0:
+    if pushes_adapter(cfg):
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"  # /v1/load_lora_adapter, each push
     return {**env, **cfg.vllm.launch.env}
 

@@ -17,6 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from gymtrl.distributed import full_weights, is_zero3
 from gymtrl.sync.base import WeightSync
 from gymtrl.sync.check import ProbeCheck, StampCheck
+from gymtrl.sync.merged import as_pushed
 
 GATHERED_SYNCS = ("reload", "ipc", "broadcast", "lora")  # the syncs that need whole parameters under ZeRO-3
 
@@ -49,7 +50,7 @@ class WeightPublisher:
         with gather:
             if main:
                 self.sync.expected = None
-                metrics["sync/seconds"] = self.sync.push(model)
+                metrics["sync/seconds"] = self.sync.push(as_pushed(model, self.sync.name))
                 metrics.update({f"sync/{phase}": seconds for phase, seconds in self.sync.phases.items()})
                 check = self._checker.submit(self._check, model, step, ours)
         trainer.accelerator.wait_for_everyone()
