@@ -19,7 +19,6 @@ from gymtrl.servers.vllm_control import VLLMControl
 from gymtrl.sync.base import WeightSync
 
 ADAPTER_PREFIX = "adapter-"
-KEEP = 2
 
 
 class LoraSync(WeightSync):
@@ -51,6 +50,8 @@ class LoraSync(WeightSync):
         return time.monotonic() - start
 
     def _prune(self, keep: Path) -> None:
-        folders = sorted((p for p in self.dir.glob(f"{ADAPTER_PREFIX}*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
-        for old in [p for p in folders if p != keep][:-(KEEP - 1) or None]:
+        """Remove every adapter folder but `keep` and the newest one before it."""
+        others = sorted((p for p in self.dir.glob(f"{ADAPTER_PREFIX}*") if p.is_dir() and p != keep),
+                        key=lambda p: p.stat().st_mtime)
+        for old in others[:-1]:
             shutil.rmtree(old, ignore_errors=True)

@@ -6,7 +6,7 @@
 
 Qwen2.5-Coder-0.5B-Instruct (as `gymtrl models fetch` builds it) answers a tool question with
 `{"name": ..., "arguments": ...}`, bare or in a ```json fence, and never in `<tool_call>` tags
-(0 of ~300 samples, docs/LOG.md 2026-12-04), so vLLM's hermes parser finds no call and every
+(0 of ~300 samples; the measurement is in docs/LOG.md), so vLLM's hermes parser finds no call and every
 tool episode scores 0. This parser takes every JSON object with a "name" and "arguments" (or
 "parameters") anywhere in the reply, tagged or not: vLLM's llama3_json parser, minus its
 requirement that the tokenizer hold Llama's `<|python_tag|>` token. Non-streaming replies only
