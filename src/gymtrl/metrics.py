@@ -2,8 +2,9 @@
 
 TRL's own logs (reward, loss, lengths, rewards/<func>/mean) plus gymtrl's rollout metrics (per
 environment reward and failure rate, turns, latency, tokens, failures by kind, sync time and check)
-arrive together in `on_log`; this writes them with the step number. Lines are flushed as written,
-so a run killed mid-way keeps every step it logged.
+arrive together in `on_log`; this writes them with the step number and, on a GPU, the training
+process's peak memory. Lines are flushed as written, so a run killed mid-way keeps every step it
+logged.
 """
 
 from __future__ import annotations
@@ -28,8 +29,21 @@ class MetricsJsonlWriter(TrainerCallback):
             if isinstance(value, float) and not math.isfinite(value):
                 value = None
             record[key] = value
+        record.update(trainer_memory())
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def trainer_memory() -> dict[str, float]:
+    """This training process's GPU memory so far (its own allocations: vLLM runs in another process),
+    in GiB: the peak allocated by tensors and the peak reserved by PyTorch's caching allocator. Empty
+    without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return {}
+    return {"memory/trainer_peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "memory/trainer_peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
 
 
 def read_metrics(path: str | Path) -> list[dict]:

