@@ -29,11 +29,13 @@
 #       `gymtrl train --servers` with rollout.max_staleness=0 and =1 in turn (STEPS steps each, no evaluation,
 #       up to 3 rounds while time is left) -> $OUT/staleness/*.jsonl and bench/staleness_speed.py's table.
 # learn LIMIT NAME=ARGS ...: after prep, one `gymtrl train` per NAME=ARGS (ARGS: space-separated key=value) on the one
-#       GPU at once, each with its own vLLM (port 8000+i, a 12 GiB share of the card: 0.5B weights and a KV cache far
-#       larger than a batch needs) and Gym servers (head 11000+i), under setsid in /tmp/learn/NAME; follows them for at
-#       most LIMIT s; then `learnwait LIMIT` (as often as needed) until they end. Each call brings back, per run,
-#       NAME.jsonl (metrics.jsonl) and NAME.log (the train log's tail and its servers' tails). Learning curves and
-#       memory side by side from one call; the runs share the card, so their times are not those of a run alone.
+#       GPU, each with its own vLLM (port 8000+i; an 8 GiB KV cache set with --kv-cache-memory-bytes, far more than a
+#       batch needs) and Gym servers (head 11000+i), under setsid in /tmp/learn/NAME; each run starts once the one
+#       before it serves (a vLLM that sizes its cache by profiling counts processes starting beside it as its own
+#       use, and fails); follows them for at most LIMIT s; then `learnwait LIMIT` (as often as needed) until they
+#       end. Each call brings back, per run, NAME.jsonl (metrics.jsonl) and NAME.log (the train log's tail and its
+#       servers' tails). Learning curves and memory side by side from one call; with several runs the card is
+#       shared, so their times are not those of a run alone.
 # prefix LIMIT: bench/prefix_correction.py with the same model on price_lookup's validation rows (plugin off
 #       and on, 256 episodes each) -> $OUT/prefix_correction.md.
 set -uo pipefail
@@ -41,6 +43,8 @@ mode=${1:-wait}; shift || true
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 CONFIG=${CONFIG:-configs/real-gpu-qwen0.5b.yaml}
 RUN=/tmp/run-real
+# Every launch passes gym.launch.requirements=ignore: reasoning-gym's needs are unpacked into /tmp/rg without
+# their distribution metadata (and pycosat is a stand-in), so gymtrl's check of the Gym venv cannot see them.
 note() { echo "[device_real $(date +%T)] $*" | tee -a "$OUT/device.txt"; }
 pack_out() {  # a call brings back at most 8 files: past 7, everything goes back as one archive (all.tgz)
   local n; n=$(find "$OUT" -type f | wc -l)
@@ -138,7 +142,7 @@ if [ "$mode" = start ]; then
   prep || exit $?
   rm -rf $RUN $RUN.log
   CUDA_VISIBLE_DEVICES=0 PYTHONUNBUFFERED=1 setsid nohup python3 -m gymtrl.cli train --config "$CONFIG" \
-    "model.name_or_path=$model" "gym.launch.env.PYTHONPATH=$GYM_PYTHONPATH:/tmp/rg" "output.dir=$RUN" \
+    "model.name_or_path=$model" "gym.launch.env.PYTHONPATH=$GYM_PYTHONPATH:/tmp/rg" gym.launch.requirements=ignore "output.dir=$RUN" \
     vllm.launch.startup_timeout_s=300 gym.launch.startup_timeout_s=180 logging.progress_bar=false "$@" \
     > $RUN.log 2>&1 < /dev/null &
   echo $! > $RUN.pid
@@ -152,8 +156,8 @@ if [ "$mode" = staleness ]; then  # synchronous against one-step-off: one set of
   prep || exit $?
   mkdir -p /tmp/stale "$OUT/staleness"; rm -f /tmp/servers.json
   CUDA_VISIBLE_DEVICES=0 setsid nohup python3 -m gymtrl.cli serve --config "$CONFIG" --host 127.0.0.1 --ready-file /tmp/servers.json \
-    "model.name_or_path=$model" "gym.launch.env.PYTHONPATH=$GYM_PYTHONPATH:/tmp/rg" \
-    vllm.launch.startup_timeout_s=300 gym.launch.startup_timeout_s=180 > /tmp/stale/serve.log 2>&1 < /dev/null &
+    "model.name_or_path=$model" "gym.launch.env.PYTHONPATH=$GYM_PYTHONPATH:/tmp/rg" gym.launch.requirements=ignore \
+    vllm.launch.startup_timeout_s=300 gym.launch.startup_timeout_s=180 "$@" > /tmp/stale/serve.log 2>&1 < /dev/null &
   serve=$!
   until [ -f /tmp/servers.json ]; do
     kill -0 $serve 2>/dev/null || { note "gymtrl serve exited"; tail -20 /tmp/stale/serve.log; exit 5; }
@@ -209,15 +213,21 @@ if [ "$mode" = learn ]; then
   i=0
   for spec in "$@"; do
     name=${spec%%=*}; read -r -a extra <<< "${spec#*=}"
+    if [ $i -gt 0 ]; then  # the run before serves (or has ended) first
+      t1=$SECONDS
+      until python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$((8000 + i - 1))/health', timeout=2)" 2>/dev/null \
+          || ! kill -0 "$(cat "/tmp/learn/$prev.pid")" 2>/dev/null || [ $((SECONDS - t1)) -gt 400 ]; do sleep 5; done
+      note "run $prev serves (or ended) after $((SECONDS - t1)) s"
+    fi
     CUDA_VISIBLE_DEVICES=0 PYTHONUNBUFFERED=1 setsid nohup python3 -m gymtrl.cli train --config "$CONFIG" \
-      "model.name_or_path=$model" "gym.launch.env.PYTHONPATH=$GYM_PYTHONPATH:/tmp/rg" "output.dir=/tmp/learn/$name" \
+      "model.name_or_path=$model" "gym.launch.env.PYTHONPATH=$GYM_PYTHONPATH:/tmp/rg" gym.launch.requirements=ignore "output.dir=/tmp/learn/$name" \
       "vllm.base_url=http://127.0.0.1:$((8000 + i))" "gym.head_server_url=http://127.0.0.1:$((11000 + i))" \
-      "vllm.launch.extra_args=[--gpu-memory-utilization,'$share',--tool-parser-plugin,src/gymtrl/envs/resources_servers/price_lookup/json_tool_parser.py,--tool-call-parser,json_anywhere]" \
+      "vllm.launch.extra_args=[--gpu-memory-utilization,'$share',--kv-cache-memory-bytes,'8589934592',--tool-parser-plugin,src/gymtrl/envs/resources_servers/price_lookup/json_tool_parser.py,--tool-call-parser,json_anywhere]" \
       vllm.launch.startup_timeout_s=400 gym.launch.startup_timeout_s=240 logging.progress_bar=false "${extra[@]}" \
       > "/tmp/learn/$name.log" 2>&1 < /dev/null &
     echo $! > "/tmp/learn/$name.pid"; mkdir -p "/tmp/learn/$name"
-    note "run $name started (pid $!, vLLM share $share): ${extra[*]}"
-    i=$((i + 1))
+    note "run $name started (pid $!): ${extra[*]}"
+    i=$((i + 1)); prev=$name
   done
   learn_follow "$limit"; exit 0
 fi
