@@ -24,16 +24,10 @@ import time
 from pathlib import Path
 
 from gymtrl.atomic import write_text_atomic
+from gymtrl.evaluation.stats import curve_rise
 from gymtrl.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def rise_and_z(values: list[float], k: int) -> tuple[float, float]:
-    first, last = values[:k], values[-k:]
-    rise = statistics.mean(last) - statistics.mean(first)
-    spread = max(statistics.stdev(first), 1e-3)
-    return rise, rise / (spread * (2 / k) ** 0.5)
 
 
 def start_servers(config: str, ready: Path, log: Path, overrides: list[str]) -> subprocess.Popen:
@@ -64,7 +58,7 @@ def train(config: str, ready: Path, out: Path, seed: int, staleness: int, overri
 def summarize(metrics: list[dict], env: str, k: int) -> dict:
     steps = [m for m in metrics if "reward" in m]
     curve = [m[f"env/{env}/reward"] for m in steps if f"env/{env}/reward" in m]
-    rise, z = rise_and_z(curve, k)
+    rise, z = curve_rise(curve, k)
     return {"steps": len(steps), "first": statistics.mean(curve[:k]), "last": statistics.mean(curve[-k:]),
             "rise": rise, "z": z,
             "step_s": statistics.median(m["step_time"] for m in steps[1:] if "step_time" in m),

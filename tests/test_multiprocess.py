@@ -85,3 +85,63 @@ def test_two_zero3_processes_push_with_the_broadcast_sync_and_every_push_is_serv
     assert all(m["sync/verify_max_logprob_diff"] < 1e-3 for m in steps)
     assert all(m["failures/total"] == 0 and m["grad_norm"] > 0 for m in steps)
     assert "Traceback" not in proc.stderr
+
+
+def test_two_zero3_processes_generate_one_step_off(tiny_model, tmp_path):
+    """rollout.max_staleness=1 under several training processes: each process generates its share of
+    the next step's batch while all of them train this one, and every push between batches (all
+    processes gather the ZeRO-3 shards for it) is checked."""
+    out = tmp_path / "run"
+    proc = launch_two_zero3_processes(tiny_model, out, "rollout.max_staleness=1", "grpo.max_steps=3",
+                                      "grpo.learning_rate=1.0e-3", "grpo.save_strategy=no")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    steps = [m for m in read_metrics(out / "metrics.jsonl") if "reward" in m]
+    assert [m["rollout/policy_lag_steps"] for m in steps] == [0, 1, 1]
+    # Step 1 generated its batch while the trainer waited; steps 2 and 3 got theirs generated during
+    # the step before: the trainer waited less than the batch took.
+    assert steps[0]["rollout/wait_seconds"] == steps[0]["rollout/batch_seconds"]
+    assert all(m["rollout/wait_seconds"] < m["rollout/batch_seconds"] for m in steps[1:])
+    # Each logged check passed: the weights gathered from the shards are what vLLM served.
+    checks = [m["sync/verify_max_logprob_diff"] for m in steps if "sync/verify_max_logprob_diff" in m]
+    assert len(checks) >= 2 and all(d < 1e-3 for d in checks)
+    assert all(m["failures/total"] == 0 and m["grad_norm"] > 0 for m in steps)
+    assert "sampling/importance_sampling_ratio/mean" in steps[-1]
+    # Both processes had nothing ahead at step 1, and both dropped the batch drawn at the last step.
+    assert proc.stderr.count("nothing was generated ahead") == 2
+    assert proc.stderr.count("rollouts generated ahead for a step that did not run were not trained on") == 2
+    assert (out / "final" / "model.safetensors").exists()
+    assert "Traceback" not in proc.stderr
+
+
+def test_two_zero3_processes_train_a_lora_adapter_and_push_it_whole(tiny_model, tmp_path):
+    """model.lora under several training processes: the adapter is sharded by ZeRO-3 like any weight,
+    every process gathers it for each push, and what vLLM loads is the whole trained adapter, the one
+    final/ and the checkpoints hold (a push of one process's shard would differ, and fail to load)."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    proc = launch_two_zero3_processes(tiny_model, out, "model.lora.r=8", "sync.strategy=lora", "grpo.max_steps=3",
+                                      "grpo.learning_rate=1.0e-3", "grpo.save_strategy=steps", "grpo.save_steps=2")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    steps = [m for m in read_metrics(out / "metrics.jsonl") if "reward" in m]
+    assert len(steps) == 3
+    assert all(m["sync/adapter_bytes"] > 0 and m["sync/verify_max_logprob_diff"] < 1e-3 for m in steps)
+    assert all(m["failures/total"] == 0 and m["grad_norm"] > 0 for m in steps)
+
+    # The adapter-only checkpoints are complete (marked after every process saved).
+    assert {p.name for p in (out / "checkpoints").glob("checkpoint-*") if (p / "gymtrl-complete.json").exists()} \
+        == {"checkpoint-2", "checkpoint-3"}
+    after_2 = load_file(out / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors")
+    after_3 = load_file(out / "checkpoints" / "checkpoint-3" / "adapter_model.safetensors")
+    assert after_2 and all(t.numel() > 0 for t in after_2.values())
+    # The last push (for step 3's rollouts) carried the weights after step 2, whole: every tensor as
+    # checkpoint-2 holds it; final/ holds the weights after step 3.
+    pushed = sorted((out / "weight_sync").glob("adapter-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]))
+    last_push = load_file(pushed[-1] / "adapter_model.safetensors")
+    assert last_push.keys() == after_2.keys() and all(t.equal(last_push[k]) for k, t in after_2.items())
+    final = load_file(out / "final" / "adapter_model.safetensors")
+    assert all(t.equal(final[k]) for k, t in after_3.items())
+    # Trained: PEFT starts every lora_B at zero, and step 3 moved the adapter.
+    assert any(t.abs().max() > 0 for k, t in after_2.items() if "lora_B" in k)
+    assert not all(t.equal(after_3[k]) for k, t in after_2.items())
+    assert "Traceback" not in proc.stderr

@@ -1,7 +1,6 @@
 """Whole `gymtrl train` runs as a user starts them: the quickstart must learn, and a run whose
 environment dies must stop with a message that says which and why."""
 
-import json
 import os
 import signal
 import socket
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, free_port, server_config
+from gymtrl.evaluation.stats import curve_rise
 from gymtrl.metrics import read_metrics
 from gymtrl.servers.gym import gym_command
 from gymtrl.servers.process import ManagedProcess
@@ -42,17 +42,7 @@ def mean(xs):
 #   (P(z > 6) ~ 1e-9); a steep late rise is not penalised, as a two-window (Welch) error would be.
 # RISE is 20 times the per-step spread of an untrained policy, so the two together fail only a run
 # that did not learn.
-K, RISE, Z = 10, 0.2, 6.0
-
-
-def rise_and_z(values: list[float], k: int = K) -> tuple[float, float]:
-    """The rise of the mean of the last k values over the first k, and that rise in standard errors
-    of the difference of two k-step means under "no learning" (the first k steps' spread)."""
-    from statistics import stdev
-
-    first, last = values[:k], values[-k:]
-    rise = mean(last) - mean(first)
-    return rise, rise / max(stdev(first) * (2 / k) ** 0.5, 1e-9)
+K, RISE, Z = 10, 0.2, 6.0  # the rise and z of gymtrl.evaluation.stats.curve_rise
 
 
 def test_the_learning_check_tells_learning_from_noise():
@@ -66,10 +56,10 @@ def test_the_learning_check_tells_learning_from_noise():
     early = [min(0.9, 0.02 * 1.15 ** i) + rng.gauss(0, 0.03) for i in range(40)]
     late = [0.02 + (0.05 * (i - 30) if i > 30 else 0) + rng.gauss(0, 0.01) for i in range(40)]
     for curve in (flat, drifting):
-        rise, z = rise_and_z(curve)
+        rise, z = curve_rise(curve, K)
         assert not (rise > RISE and z > Z), (rise, z)
     for curve in (early, late):
-        rise, z = rise_and_z(curve)
+        rise, z = curve_rise(curve, K)
         assert rise > RISE and z > Z, (rise, z)
 
 
@@ -87,7 +77,7 @@ def test_quickstart_learns(tmp_path):
     key = "env/digit_reply_simple_agent/reward"
     digit = [m[key] for m in steps if key in m]  # a step may hold no digit_reply prompt (not with seed 0)
     assert len(digit) >= 36, len(digit)
-    rise, z = rise_and_z(digit)
+    rise, z = curve_rise(digit, K)
     print(f"digit_reply reward: first {K} steps {mean(digit[:K]):.3f}, last {K} steps {mean(digit[-K:]):.3f}; "
           f"rise {rise:.3f} = {z:.1f} standard errors")
     assert rise > RISE and z > Z, (rise, z, digit)
@@ -199,10 +189,10 @@ def test_a_launched_vllm_that_dies_mid_run_stops_it_at_once_with_a_checkpoint(se
     the vanished server until every rollout's 600 s deadline: instead the run notices the death
     within seconds, saves its last finished step, and stops with the server's log tail."""
     vllm_port, head_port = free_port(), free_port()
-    config = _launching_config(tmp_path, servers.model, vllm_port, head_port, f"""
-rollout: {{timeout_s: 600}}
-grpo: {{max_steps: 200, per_device_train_batch_size: 8, num_generations: 4, max_completion_length: 8,
-        save_strategy: "no", learning_rate: 1.0e-4}}
+    config = _launching_config(tmp_path, servers.model, vllm_port, head_port, """
+rollout: {timeout_s: 600}
+grpo: {max_steps: 200, per_device_train_batch_size: 8, num_generations: 4, max_completion_length: 8,
+        save_strategy: "no", learning_rate: 1.0e-4}
 """)
     run = subprocess.Popen([sys.executable, "-m", "gymtrl.cli", "train", "--config", str(config)],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -40,6 +40,20 @@ def mean_se(values: list[float]) -> tuple[float, float]:
     return m, math.sqrt(var / n)
 
 
+def curve_rise(values: list[float], k: int, min_spread: float = 1e-3) -> tuple[float, float]:
+    """Did a training curve (a reward per step) rise: the mean of its last k values minus that of its
+    first k, and that rise in standard errors of the difference of two k-value means under "no
+    learning", every value drawn like the first k (their spread, floored at `min_spread` so that a
+    flat start does not make any rise look certain). A curve that does not rise gives about N(0, 1);
+    a steep late rise is not penalised, as a two-window (Welch) error would be."""
+    if not 2 <= k <= len(values):
+        raise ValueError(f"curve_rise needs 2 <= k <= {len(values)} values, got k={k}")
+    first, last = values[:k], values[-k:]
+    rise = mean(last) - mean(first)
+    spread = max(math.sqrt(sum((v - mean(first)) ** 2 for v in first) / (k - 1)), min_spread)
+    return rise, rise / (spread * math.sqrt(2 / k))
+
+
 @dataclass
 class RowResult:
     """One row's samples under one model."""
