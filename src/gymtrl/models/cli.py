@@ -37,7 +37,9 @@ def fetch_cmd(
 ) -> None:
     """Download, verify (sha256) and convert models into plain Hugging Face directories."""
     from gymtrl.errors import GymtrlError
-    from gymtrl.models.fetch import ModelFetchError, fetch, read_manifest
+    from gymtrl.models.cache import ModelFetchError
+    from gymtrl.models.fetch import fetch
+    from gymtrl.models.pieces import read_manifest
     from gymtrl.models.registry import MODELS
 
     try:
@@ -59,7 +61,8 @@ def fetch_cmd(
 @models_app.command("list")
 def list_cmd(cache: Optional[Path] = typer.Option(None, "--cache", help=_CACHE_HELP)) -> None:
     """The known models and which of them the cache holds, with paths."""
-    from gymtrl.models.fetch import default_cache, status
+    from gymtrl.models.cache import default_cache
+    from gymtrl.models.fetch import status
 
     typer.echo(f"cache: {(cache or default_cache())}")
     for row in status(cache):
@@ -74,7 +77,7 @@ def list_cmd(cache: Optional[Path] = typer.Option(None, "--cache", help=_CACHE_H
 def path_cmd(name: str = typer.Argument(..., help="Model name."),
              cache: Optional[Path] = typer.Option(None, "--cache", help=_CACHE_HELP)) -> None:
     """Print the model's ready directory (exit 1 if it has not been fetched)."""
-    from gymtrl.models.fetch import default_cache, model_dir, ready_dir
+    from gymtrl.models.cache import default_cache, model_dir, ready_dir
     from gymtrl.models.registry import MODELS
 
     if name not in MODELS:

@@ -108,7 +108,7 @@ _add(ModelSpec(
 
 def get(name: str) -> ModelSpec:
     """The spec for `name`; a GymtrlError naming the known ones otherwise."""
-    from gymtrl.models.fetch import ModelFetchError
+    from gymtrl.models.cache import ModelFetchError
 
     try:
         return MODELS[name]
