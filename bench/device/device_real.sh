@@ -9,13 +9,14 @@
 #        responses_api_models/vllm_model resources_servers/workplace_assistant resources_servers/example_multi_step
 #        resources_servers/reasoning_gym"):
 #   bash bench/device/device_real.sh build
-# builds model-parts/qwen (8 parts of at most 59 MiB: one per call beside the 3.4 MiB tree), .gpu-extra (omegaconf,
-# its parser runtime, gguf, peft: the image's own peft is of another version) and .gpu-rg (reasoning-gym 0.1.25 and its pure-Python needs, from the NeMo Gym venv,
+# builds model-parts/qwen (9 equal parts of 52.1 MiB: one per call beside the tree, which must stay under 11.9 MiB),
+# .gpu-extra (omegaconf, its parser runtime, gguf, peft: the image's own peft is of another version) and .gpu-rg
+# (reasoning-gym 0.1.25 and its pure-Python needs, from the NeMo Gym venv,
 # plus a named stand-in for pycosat, which has no CPython 3.12 wheel and only reasoning-gym's logic puzzles use).
 #
 # Device calls, back to back (/tmp lives only while the machine stays warm, 30 s after a call):
 #   run carry=[.gpu-bundle/p1, .gpu-bundle/p3, .gpu-extra, .gpu-rg]        command: bash bench/device/device_real.sh stash
-#   run carry=[model-parts/qwen/<part NNN>] (8 calls; gymtrl-parts.json with the last) command: bash bench/device/device_real.sh stash
+#   run carry=[model-parts/qwen/<part NNN>] (9 calls; gymtrl-parts.json with the last) command: bash bench/device/device_real.sh stash
 #   run carry=[.gpu-bundle/p2] timeout_s=600  command: bash bench/device/device_real.sh start 560 [key=value ...]
 #   run timeout_s=600                         command: bash bench/device/device_real.sh wait 570   (as often as needed)
 # stash: keeps what a call carried (bundle parts through the bundle's install.sh, model parts in /tmp/mp).
@@ -58,7 +59,7 @@ trap pack_out EXIT
 if [ "$mode" = build ]; then  # here
   py=${GYMTRL_TRAINER_VENV:?source scripts/env.sh first}/bin/python
   gym_site=$(ls -d "${GYMTRL_GYM_VENV:?}"/lib/python3*/site-packages)
-  gymtrl models pack qwen2.5-coder-0.5b-instruct --out model-parts/qwen --part-mb 59 || exit 1
+  gymtrl models pack qwen2.5-coder-0.5b-instruct --out model-parts/qwen --part-mb 55 || exit 1
   rm -rf .gpu-extra .gpu-rg && mkdir -p .gpu-extra .gpu-rg
   "$py" -m pip download -q --no-deps --only-binary=:all: --dest .gpu-extra 'omegaconf==2.3.0' 'gguf==0.19.0' 'peft==0.21.2' || exit 1
   "$py" -m pip wheel -q --no-deps --wheel-dir .gpu-extra 'antlr4-python3-runtime==4.9.3' || exit 1
