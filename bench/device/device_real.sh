@@ -47,6 +47,7 @@ RUN=/tmp/run-real
 # Every launch passes gym.launch.requirements=ignore: reasoning-gym's needs are unpacked into /tmp/rg without
 # their distribution metadata (and pycosat is a stand-in), so gymtrl's check of the Gym venv cannot see them.
 note() { echo "[device_real $(date +%T)] $*" | tee -a "$OUT/device.txt"; }
+# shellcheck disable=SC2317  # pack_out runs from the EXIT trap, which shellcheck does not follow
 pack_out() {  # a call brings back at most 8 files: past 7, everything goes back as one archive (all.tgz)
   local n; n=$(find "$OUT" -type f | wc -l)
   [ "$n" -le 7 ] && return 0
