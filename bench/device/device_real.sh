@@ -93,12 +93,13 @@ if [ "$mode" = stash ]; then
   exit 0
 fi
 
+count() { local n; n=$(grep -c "$1" "$2" 2>/dev/null); echo "${n:-0}"; }  # PATTERN FILE: matching lines, 0 without the file
 follow() {  # LIMIT: until the run ends or LIMIT s pass; returns 0 when it ended
   local limit=$1 t0=$SECONDS
   while [ $((SECONDS - t0)) -lt "$limit" ]; do
     if ! kill -0 "$(cat $RUN.pid 2>/dev/null)" 2>/dev/null; then note "run ended: $(tail -c 300 $RUN.log | tr '\r\n' '  ' | tail -c 200)"; return 0; fi
     sleep 30
-    note "steps=$(cat $RUN/metrics.jsonl 2>/dev/null | grep -c '"reward"') evals=$(cat $RUN/metrics.jsonl 2>/dev/null | grep -c '"eval/reward"') $(nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader | tr -d '\n') | $(tail -c 400 $RUN.log | tr '\r\n' '  ' | tail -c 140)"
+    note "steps=$(count '"reward"' $RUN/metrics.jsonl) evals=$(count '"eval/reward"' $RUN/metrics.jsonl) $(nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader | tr -d '\n') | $(tail -c 400 $RUN.log | tr '\r\n' '  ' | tail -c 140)"
   done
   return 1
 }
@@ -185,7 +186,6 @@ if [ "$mode" = staleness ]; then  # synchronous against one-step-off: one set of
     --out "$OUT/staleness.md"; cat "$OUT/staleness.md"; exit 0
 fi
 
-count() { local n; n=$(grep -c "$1" "$2" 2>/dev/null); echo "${n:-0}"; }
 learn_follow() {  # LIMIT: until every run in /tmp/learn ends or LIMIT s pass; then each run's files to $OUT
   local limit=$1 t0=$SECONDS d live line
   while [ $((SECONDS - t0)) -lt "$limit" ]; do

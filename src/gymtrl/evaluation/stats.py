@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from statistics import mean
+from statistics import mean, stdev
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -50,7 +50,7 @@ def curve_rise(values: list[float], k: int, min_spread: float = 1e-3) -> tuple[f
         raise ValueError(f"curve_rise needs 2 <= k <= {len(values)} values, got k={k}")
     first, last = values[:k], values[-k:]
     rise = mean(last) - mean(first)
-    spread = max(math.sqrt(sum((v - mean(first)) ** 2 for v in first) / (k - 1)), min_spread)
+    spread = max(stdev(first), min_spread)
     return rise, rise / (spread * math.sqrt(2 / k))
 
 
