@@ -110,7 +110,7 @@ def test_two_zero3_processes_generate_one_step_off(tiny_model, tmp_path):
     assert proc.stderr.count("nothing was generated ahead") == 2
     assert proc.stderr.count("rollouts generated ahead for a step that did not run were not trained on") == 2
     assert (out / "final" / "model.safetensors").exists()
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr[max(0, proc.stderr.find("Traceback") - 1500):][:8000]
 
 
 def test_two_zero3_processes_train_a_lora_adapter_and_push_it_whole(tiny_model, tmp_path):

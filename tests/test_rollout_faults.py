@@ -2,8 +2,11 @@
 client retries what is worth retrying and never waits past the deadline. Faults come from
 FaultInjectingAgentServer (a deliberate fake); the engine, client and ledger are the real ones."""
 
+import concurrent.futures
+import gc
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,7 @@ from fault_agents import FaultInjectingAgentServer
 from gymtrl.errors import RolloutFailureBoundError
 from gymtrl.gym.client import POOL_SHARD_CONNECTIONS
 from gymtrl.gym.discovery import GymTopology
-from gymtrl.rollout.engine import RolloutEngine, SamplingParams
+from gymtrl.rollout.engine import RolloutEngine, RolloutsCancelled, SamplingParams
 from gymtrl.failures import FailureBound, FailureKind, FailureLedger
 from gymtrl.rollout.rollout_func import to_trl_batch
 
@@ -112,10 +115,11 @@ def test_no_cookie_travels_between_rollouts(agents):
     assert agents.cookies_seen == [None, None, None]
 
 
-def open_connections(port: int) -> int:
+def open_connections(port: int, client_only: bool = False) -> int:
     """Connected TCP sockets this process holds with `port` at either end (the client's and the in-process
-    fault server's handler ends; not its listening socket). Sockets of anything else in the process, which
-    may open or close meanwhile, are not counted."""
+    fault server's handler ends; not its listening socket), or with `client_only` the client's alone (the
+    remote end is `port`). Sockets of anything else in the process, which may open or close meanwhile,
+    are not counted."""
     inodes = set()
     for fd in Path("/proc/self/fd").iterdir():
         try:
@@ -133,7 +137,9 @@ def open_connections(port: int) -> int:
         for line in lines:
             fields = line.split()
             local, remote, state, inode = fields[1], fields[2], fields[3], fields[9]
-            ports = {int(local.rsplit(":", 1)[1], 16), int(remote.rsplit(":", 1)[1], 16)}
+            ports = {int(remote.rsplit(":", 1)[1], 16)}
+            if not client_only:
+                ports.add(int(local.rsplit(":", 1)[1], 16))
             count += inode in inodes and port in ports and state != "0A"  # 0A: LISTEN
     return count
 
@@ -160,6 +166,53 @@ def test_a_batch_of_many_rollouts_leaves_no_connection_open(agents):
     finally:
         engine.close()
     assert agents.calls["ok"] == 2 * n
+
+
+def start_hanging_batch(agents, n):
+    """An engine with `n` rollouts in flight that the agent never answers, run in a thread of its own."""
+    engine = RolloutEngine(GymTopology({"hang": f"{agents.url}/hang"}), SamplingParams(1.0, 1.0, 16),
+                           FailureLedger(FailureBound(1.0, 1000, 1)), max_concurrency=n, timeout_s=60.0, retries=0,
+                           retry_backoff_s=0.05)
+    pool = ThreadPoolExecutor(max_workers=1)
+    batch = pool.submit(engine.run, [row("hang") for _ in range(n)])
+    deadline = time.monotonic() + 30
+    while agents.calls.get("hang", 0) < n and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert agents.calls.get("hang", 0) == n
+    return engine, pool, batch
+
+
+def test_a_cancelled_batch_has_closed_its_connections_when_it_returns(agents):
+    """The end of a run cancels the batch generated ahead: by the time the trainer hears so, every
+    request of that batch is cancelled and every socket it opened is closed (none waits on a reply)."""
+    port = int(agents.url.rsplit(":", 1)[1])
+    engine, pool, batch = start_hanging_batch(agents, 6)
+    try:
+        assert open_connections(port, client_only=True) == 6
+        engine.cancel()
+        with pytest.raises(RolloutsCancelled, match="6 rollouts in flight were cancelled"):
+            batch.result(timeout=30)
+        assert open_connections(port, client_only=True) == 0
+    finally:
+        engine.close()
+        pool.shutdown()
+
+
+def test_closing_the_engine_under_a_batch_in_flight_closes_it_and_prints_nothing(agents, capfd):
+    """Closing the engine while a batch is in flight cancels it and lets it close its connections
+    before the event loop stops: a loop stopped first leaves the batch's task to be destroyed
+    pending, its sockets open and its traceback printed when the process ends."""
+    port = int(agents.url.rsplit(":", 1)[1])
+    engine, pool, batch = start_hanging_batch(agents, 6)
+    engine.close()
+    assert open_connections(port, client_only=True) == 0
+    with pytest.raises(concurrent.futures.CancelledError):
+        batch.result(timeout=30)
+    pool.shutdown()
+    del engine, batch
+    gc.collect()
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "destroyed but it is pending" not in err, err
 
 
 def test_a_cap_below_half_the_batch_is_warned_once(agents, caplog):

@@ -34,6 +34,8 @@ from gymtrl.rollout.trajectory import StitchError, Trajectory, stitch, token_ite
 
 # A batch ends at most this long after its rollouts' own deadline (rollout.timeout_s).
 ROLLOUT_BATCH_SLACK_S = 60.0
+# How long a cancelled batch (or the engine's close) waits for its requests to end and connections to close.
+ABANDON_GRACE_S = 10.0
 
 
 @dataclass
@@ -170,11 +172,22 @@ class RolloutEngine:
 
     def run(self, rows: list[dict]) -> list[RolloutOutcome]:
         """One outcome per row, in order. Every failure is recorded in the ledger."""
+        started, finished = threading.Event(), threading.Event()
 
         async def run_all():
-            # Closed on every exit, cancellation included: no socket outlives its batch.
-            async with AgentClient(*self._client_args) as client:
-                return await asyncio.gather(*(self._run_one(client, r) for r in rows))
+            started.set()
+            try:
+                # Closed on every exit, cancellation included: no socket outlives its batch.
+                async with AgentClient(*self._client_args) as client:
+                    return await asyncio.gather(*(self._run_one(client, r) for r in rows))
+            finally:
+                finished.set()
+
+        def abandon() -> None:
+            """Cancel the batch and wait until its requests are cancelled and its connections closed."""
+            future.cancel()
+            if started.is_set():
+                finished.wait(timeout=ABANDON_GRACE_S)
 
         # Each rollout's deadline covers its queueing too, so the batch ends by one deadline (+slack).
         future = asyncio.run_coroutine_threadsafe(run_all(), self._loop)
@@ -185,16 +198,16 @@ class RolloutEngine:
                 break
             except concurrent.futures.TimeoutError:
                 if time.monotonic() > deadline:
-                    future.cancel()
+                    abandon()
                     raise
                 if self._cancelled.is_set():
-                    future.cancel()
+                    abandon()
                     raise RolloutsCancelled(f"{len(rows)} rollouts in flight were cancelled: the run is ending") from None
                 if self.watch is not None:
                     try:
                         self.watch()
                     except BaseException:
-                        future.cancel()  # the in-flight requests are abandoned with the batch
+                        abandon()  # the in-flight requests are abandoned with the batch
                         raise
         for o in outcomes:
             if o.failure is None:
@@ -208,7 +221,26 @@ class RolloutEngine:
         self._cancelled.set()
 
     def close(self) -> None:
+        """Cancel whatever still runs on the loop, let it close its connections, then stop the loop. A
+        loop stopped under a task still closing its client leaves that task to be destroyed pending,
+        and Python prints its traceback at exit."""
+        if self._loop.is_running():
+            drained = asyncio.run_coroutine_threadsafe(_cancel_all_tasks(ABANDON_GRACE_S), self._loop)
+            try:
+                drained.result(timeout=ABANDON_GRACE_S + 1.0)
+            except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
+                pass  # a task that ignores cancellation is left; the loop stops all the same
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
         if not self._thread.is_alive():
             self._loop.close()
+
+
+async def _cancel_all_tasks(grace_s: float) -> None:
+    """Cancel every other task on the running loop and wait up to `grace_s` for them to end."""
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for t in tasks:
+        t.cancel()
+    if tasks:
+        await asyncio.wait(tasks, timeout=grace_s)
+    await asyncio.get_running_loop().shutdown_asyncgens()
