@@ -37,6 +37,8 @@
 #       end. Each call brings back, per run, NAME.jsonl (metrics.jsonl) and NAME.log (the train log's tail and its
 #       servers' tails). Learning curves and memory side by side from one call; with several runs the card is
 #       shared, so their times are not those of a run alone.
+# lorabench LIMIT [ARGS]: after prep, bench/lora_generation.py (vLLM's generation speed through a rank-16 adapter
+#       against the base model, on the servers gymtrl launches; ARGS go to it) -> $OUT/lora_generation.{md,json}.
 # prefix LIMIT: bench/prefix_correction.py with the same model on price_lookup's validation rows (plugin off
 #       and on, 256 episodes each) -> $OUT/prefix_correction.md.
 set -uo pipefail
@@ -261,4 +263,18 @@ if [ "$mode" = prefix ]; then  # after start: the prefix-correction benchmark wi
     --device-label "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" --out "$OUT/prefix_correction.md" > "$OUT/prefix.log" 2>&1
   echo "prefix_correction.py exited $?"; tail -20 "$OUT/prefix.log"; exit 0
 fi
-echo "unknown mode $mode (build | stash | start LIMIT | wait LIMIT | learn LIMIT NAME=ARGS... | learnwait LIMIT | staleness LIMIT | prefix LIMIT)"; exit 2
+if [ "$mode" = lorabench ]; then  # vLLM's generation speed through a LoRA adapter against the base model
+  limit=${1:-540}; shift || true
+  prep || exit $?
+  timeout -k 20 "$limit" python3 bench/lora_generation.py --model "$model" --vllm-venv /tmp/vllm-venv \
+    --rows src/gymtrl/envs/resources_servers/price_lookup/data/validation.jsonl --rank 16 \
+    --vllm-arg=--gpu-memory-utilization --vllm-arg=0.3 \
+    --vllm-arg=--tool-parser-plugin --vllm-arg=src/gymtrl/envs/resources_servers/price_lookup/json_tool_parser.py \
+    --vllm-arg=--tool-call-parser --vllm-arg=json_anywhere --work /tmp/lorabench \
+    --device-label "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" \
+    --out "$OUT/lora_generation.md" --raw "$OUT/lora_generation.json" "$@" > "$OUT/lorabench.log" 2>&1
+  echo "lora_generation.py exited $?"; tail -30 "$OUT/lorabench.log"
+  for f in /tmp/lorabench/*/vllm.log; do echo "== $f"; tail -c 6000 "$f"; done > "$OUT/lorabench-vllm.log" 2>/dev/null
+  exit 0
+fi
+echo "unknown mode $mode (build | stash | start LIMIT | wait LIMIT | learn LIMIT NAME=ARGS... | learnwait LIMIT | staleness LIMIT | prefix LIMIT | lorabench LIMIT [ARGS])"; exit 2
