@@ -148,9 +148,11 @@ def measure(url: str, kinds: dict[str, str], bodies, args) -> dict[str, list[dic
     return rounds
 
 
-def run_server(args, name: str, strategy: str, plugin: bool, extra: list[str], adapter: Path | None) -> dict:
+def run_server(args, name: str, strategy: str, plugin: bool, extra: list[str], adapter: Path,
+               bodies: list[dict]) -> dict:
     from gymtrl.servers.process import ManagedProcess, http_ok
     from gymtrl.servers.vllm import LORA_ADAPTER_NAME, served_model_name, vllm_command, vllm_env, vllm_python
+    from gymtrl.servers.vllm_control import VLLMControl
     from gymtrl.vllm_plugin.install import ensure_installed
 
     work = args.work / name
@@ -158,30 +160,28 @@ def run_server(args, name: str, strategy: str, plugin: bool, extra: list[str], a
     if plugin:
         ensure_installed(vllm_python(cfg))
     url = cfg.vllm.base_url.rstrip("/")
-    log = work / "vllm.log"
-    proc = ManagedProcess(f"vLLM ({name})", vllm_command(cfg, strategy), log, env=vllm_env(cfg))
+    proc = ManagedProcess(f"vLLM ({name})", vllm_command(cfg, strategy), work / "vllm.log", env=vllm_env(cfg))
     start = time.monotonic()
     proc.start()
     try:
-        while not http_ok(url + "/health", timeout_s=2.0):
-            if not proc.alive() or time.monotonic() - start > args.startup_timeout_s:
-                raise SystemExit(f"vLLM ({name}) did not start; its log: {log}\n{log.read_text()[-3000:]}")
-            time.sleep(2)
+        proc.wait_healthy(lambda: http_ok(url + "/health"), args.startup_timeout_s, "/health")
         startup = time.monotonic() - start
         kinds = {"base": served_model_name(cfg)} if strategy != "lora" or name == "lora" else {}
-        if strategy == "lora":
-            resp = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": LORA_ADAPTER_NAME,
-                                                                   "lora_path": str(adapter)}, timeout=120)
-            resp.raise_for_status()
+        if strategy == "lora":  # loaded as the lora sync loads each push
+            control = VLLMControl(url, timeout_s=120)
+            try:
+                control.load_lora_adapter(LORA_ADAPTER_NAME, str(adapter))
+            finally:
+                control.close()
             kinds["adapter"] = LORA_ADAPTER_NAME
         print(f"{name}: up after {startup:.0f} s; measuring {', '.join(kinds)}", file=sys.stderr, flush=True)
-        rounds = measure(url, kinds, chat_bodies(args.rows, args.max_tokens), args)
+        rounds = measure(url, kinds, bodies, args)
     finally:
         proc.stop(grace_s=30.0)
-    graph_lines = [l for l in log.read_text(errors="replace").splitlines()
+    graph_lines = [l for l in proc.log_path.read_text(errors="replace").splitlines()
                    if any(w in l.lower() for w in ("cuda graph", "cudagraph", "lora", "compil", "kv cache", "backend"))]
     return {"name": name, "strategy": strategy, "plugin": plugin, "extra_args": extra, "startup_s": startup,
-            "command": vllm_command(cfg, strategy), "rounds": rounds, "log_lines": graph_lines[-40:]}
+            "command": proc.command, "rounds": rounds, "log_lines": graph_lines[-40:]}
 
 
 def summary(rounds: list[dict]) -> tuple[float, float, float]:
@@ -195,7 +195,7 @@ def table(args, results: list[dict], adapter_bytes: int) -> str:
              f"{args.rank} on every linear layer ({adapter_bytes / 1e6:.1f} MB); {args.requests} chat requests per "
              f"round at concurrency {args.concurrency}, {args.max_tokens} tokens each (ignore_eos), logprobs on; "
              f"{args.rounds} rounds per row after one warm-up. Raw: `{args.raw.name}`.", "",
-             "| server | requests to | tokens/s, median [min-max] | vs full-weight server | median request | GPU busy |",
+             "| server | requests to | tokens/s, median [min-max] | vs the first row | median request | GPU busy |",
              "|---|---|---|---|---|---|"]
     ref = None
     for res in results:
@@ -238,9 +238,10 @@ def main() -> int:
     settings = [("full", "ipc", True, []), ("lora", "lora", True, []), ("lora-noplugin", "lora", False, [])]
     settings = [s for s in settings if s[0] not in args.skip]
     settings += [(spec.partition("=")[0], "lora", True, spec.partition("=")[2].split()) for spec in args.variant]
+    bodies = chat_bodies(args.rows, args.max_tokens)
     results = []
     for name, strategy, plugin, extra in settings:
-        results.append(run_server(args, name, strategy, plugin, extra, adapter))
+        results.append(run_server(args, name, strategy, plugin, extra, adapter, bodies))
         args.raw.parent.mkdir(parents=True, exist_ok=True)
         args.raw.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "adapter_bytes": adapter_bytes,
                                         "results": results}, indent=1))
