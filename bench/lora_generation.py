@@ -37,16 +37,9 @@ from pathlib import Path
 import httpx
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def server_config(args, strategy: str, plugin: bool, extra: list[str], work: Path):
     from gymtrl.config.load import load_config
+    from gymtrl.net import free_port
 
     work.mkdir(parents=True, exist_ok=True)
     path = work / "server.yaml"

@@ -21,7 +21,6 @@ import argparse
 import datetime
 import json
 import platform
-import socket
 import statistics
 import sys
 import time
@@ -41,14 +40,9 @@ def row_files(args) -> dict[str, Path]:
     return {env: args.rows_dir / env / "example.jsonl" for env in DEFAULT_ENVS}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def stack_config(args, correction: bool, out: Path):
     from gymtrl.config.load import load_config
+    from gymtrl.net import free_port
 
     out.mkdir(parents=True, exist_ok=True)
     path = out / "servers.yaml"

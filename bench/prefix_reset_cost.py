@@ -55,12 +55,12 @@ def measure(kv_mib: int, model_dir: str, vllm_venv: str, repeats: int, work: Pat
     import httpx
 
     from gymtrl.config import load_config
-    from gymtrl.servers.gym_launcher import free_port
+    from gymtrl.net import free_port
     from gymtrl.servers.process import ManagedProcess, http_ok
     from gymtrl.servers.vllm import vllm_command, vllm_env
     from gymtrl.servers.vllm_control import VLLMControl
 
-    port = free_port("127.0.0.1")
+    port = free_port()
     cfg_path = work / f"kv{kv_mib}.yaml"
     write_config(cfg_path, model_dir, vllm_venv, port, kv_mib * 2**20)
     cfg = load_config(cfg_path, [])

@@ -26,13 +26,13 @@ import json
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_generation import CpuMeter, interesting_processes  # noqa: E402  (bench/gpu_generation.py)
-from prefix_correction import free_port, versions  # noqa: E402  (bench/prefix_correction.py)
+from prefix_correction import versions  # noqa: E402  (bench/prefix_correction.py)
 
+from gymtrl.net import free_port  # noqa: E402
 from gymtrl.servers.gym_launcher import INLINE_IDS  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -45,20 +45,13 @@ from gymtrl.gym.discovery import GymTopology, discover, wait_ready  # noqa: E402
 from gymtrl.rollout.engine import RolloutEngine, SamplingParams  # noqa: E402
 from gymtrl.failures import FailureBound, FailureLedger  # noqa: E402
 from gymtrl.servers.gym import gym_command  # noqa: E402
+from gymtrl.net import free_port  # noqa: E402
 from gymtrl.servers.process import ManagedProcess, http_ok  # noqa: E402
 
 ROWS = REPO / "src/gymtrl/envs/resources_servers/digit_reply/data/train.jsonl"
 BACKEND = REPO / "bench/fake_fast_generation_backend.py"
 AGENT = "digit_reply_simple_agent"
 SHARD = client_module.POOL_SHARD_CONNECTIONS
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def descendants(pid: int) -> list[int]:

@@ -272,7 +272,9 @@ output: {{dir: {tmp_path / 'run'}}}
 def test_a_launched_vllm_paused_past_the_hang_deadline_stops_the_run_with_one_line(servers, tmp_path):
     """gymtrl launches vLLM with supervision.hang_timeout_s=20. Paused 6 s after step 1 it lives on
     (the run trains step 3); paused for good after that, it is killed once /health has been silent
-    for 20 s, and the run stops with one line saying it hung (not after the 600 s rollout deadline)."""
+    for 20 s, and the run stops with one line saying it hung: the hang deadline stopped it, not the
+    600 s rollout deadline (which the 300 s wait below could not reach). How long the stop takes after
+    the kill depends on the machine's load, so it is printed, not bounded."""
     from test_train_runs import _launching_config, _pid_listening_as
 
     from conftest import free_port
@@ -305,7 +307,7 @@ grpo: {max_steps: 200, per_device_train_batch_size: 8, num_generations: 4, max_c
             run.kill()
     print(f"vLLM paused for good: the run stopped {stopped_after:.1f} s later")
     assert run.returncode == 3, stderr[-3000:]
-    assert 20 <= stopped_after < 120
+    assert stopped_after >= 20, "killed before /health had been silent for supervision.hang_timeout_s"
     [line] = [l for l in stderr.splitlines() if l.startswith("gymtrl: error:")]
     assert "vLLM server hung:" in line and "supervision.hang_timeout_s=20" in line, stderr[-3000:]
     assert "Traceback" not in stderr

@@ -1,9 +1,10 @@
 """HTTP details shared by every client gymtrl runs: server URLs as configs and NeMo Gym write them,
-and how long an idle connection is kept."""
+how long an idle connection is kept, and a free local port for a server to start on."""
 
 from __future__ import annotations
 
 import re
+import socket
 
 # How long gymtrl's HTTP clients keep an idle connection to vLLM or NeMo Gym for reuse. Both serve
 # through uvicorn, which closes a connection idle for 5 s (vLLM's VLLM_HTTP_TIMEOUT_KEEP_ALIVE,
@@ -20,3 +21,10 @@ def server_root(url: str) -> str:
 
 def same_server(a: str, b: str) -> bool:
     return server_root(a).replace("localhost", "127.0.0.1") == server_root(b).replace("localhost", "127.0.0.1")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the OS calls free on `host` now (it may hand the same one out again once this closes)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
