@@ -21,8 +21,6 @@ from gymtrl.net import free_port  # noqa: F401  (tests import it from here)
 REPO = Path(__file__).resolve().parents[1]
 
 
-
-
 def require_env(name: str) -> str:
     value = os.environ.get(name)
     if not value:

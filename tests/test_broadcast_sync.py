@@ -107,7 +107,7 @@ def test_a_refused_bucket_fails_at_once_with_the_reason_and_the_group_stays_usab
     start = time.monotonic()
     with pytest.raises(WeightSyncError) as e:
         sync.push(perturbed(original, 3))
-    assert time.monotonic() - start < 10
+    assert time.monotonic() - start < 60  # at once: not after the sync's 60 s timeout
     assert f"refused a weight bucket: refused: gymtrl weight payload version 999 is not {PAYLOAD_VERSION}" in e.value.message
     assert "vllm-plugin install" in e.value.hint
     monkeypatch.undo()
